@@ -47,6 +47,20 @@ def encode_documents(tokenizer, texts) -> torch.Tensor:
     return torch.tensor([t for text in texts for t in tokenizer.encode(text, bos=True)], dtype=torch.long)
 
 
+def calibration_windows(tokenizer, samples: int = 128, seq_len: int = 512, text_file=None, seed: int = 0):
+    """[samples, seq_len] token windows at random offsets, for GPTQ and any-precision calibration.
+
+    They come from the train split, not the held-out one, because perplexity is measured on the held-out split and
+    a quantizer must not have seen it (the GPTQ paper calibrates on C4 train and evaluates elsewhere too).
+    """
+    texts = stdlib_texts("train") if text_file is None else [Path(text_file).read_text()]
+    stream = encode_documents(tokenizer, texts)
+    if len(stream) <= seq_len:
+        raise ValueError(f"calibration text has {len(stream)} tokens, fewer than --calibration_seq_len {seq_len}")
+    starts = torch.randint(0, len(stream) - seq_len, (samples,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([stream[s: s + seq_len] for s in starts.tolist()])
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text, seq_len: int, batch_size: int = 8, max_tokens=None) -> dict:
     """Mean next-token NLL over `text` (a string or a list of documents) cut into windows of seq_len tokens; each
