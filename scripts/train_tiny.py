@@ -180,7 +180,7 @@ def main(argv=None):
     p.add_argument("--out_dir", type=Path, default=ROOT / "checkpoints")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--steps", type=int, nargs=2, default=None, metavar=("TINY", "DRAFT"),
-                   help="optimizer steps for tiny-py and tiny-py-draft (default 1000 and 1600: an hour on 2 CPU cores)")
+                   help="optimizer steps for tiny-py and tiny-py-draft (default 1000 and 400: about 55 minutes on 2 CPU cores)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval_every", type=int, default=100)
@@ -188,7 +188,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
-    args.steps = dict(zip(MODELS, args.steps or (1000, 1600)))
+    args.steps = dict(zip(MODELS, args.steps or (1000, 400)))
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     t0 = time.perf_counter()
