@@ -106,9 +106,11 @@ def main(argv=None):
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--precision", type=int, default=None, help="bits per weight of an any-precision model (anyprec.py)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
-    model = load_model(args.checkpoint_path, args.device, dtype)
+    model = load_model(args.checkpoint_path, args.device, dtype,
+                       precisions=None if args.precision is None else [args.precision])
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     if args.text_file is not None and not args.text_file.is_file():
         raise FileNotFoundError(f"--text_file {args.text_file} not found")
@@ -121,6 +123,8 @@ def main(argv=None):
     seconds = time.perf_counter() - t0
     source = args.text_file or "stdlib held-out split"
     print(f"{'checkpoint':>11}: {args.checkpoint_path}\n{'text':>11}: {source}\n{'seq_len':>11}: {seq_len}")
+    if args.precision is not None:
+        print(f"{'precision':>11}: {args.precision} bits")
     print(f"{'tokens':>11}: {result['tokens']}\n{'mean NLL':>11}: {result['nll']:.4f}\n"
           f"{'perplexity':>11}: {result['perplexity']:.4f}\n{'time':>11}: {seconds:.1f} s")
 

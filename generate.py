@@ -2,13 +2,16 @@
 
     python generate.py --prompt "def fibonacci(n):"                       # the shipped tiny model, on CPU
     python generate.py --checkpoint_path checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth --compile --interactive
+    torchrun --standalone --nproc_per_node=8 generate.py --compile --checkpoint_path DIR/model.pth   # tensor parallel
 
 Decode runs on static shapes (the KV cache is allocated once, positions are tensors), so `--compile` captures one
 CUDA graph for the decode step and never recompiles.
 """
 import argparse
 import contextlib
+import functools
 import itertools
+import os
 import resource
 import sys
 import time
@@ -19,6 +22,7 @@ import torch.nn as nn
 
 from model import KVCache, ModelArgs, Transformer
 from tokenizer import load_tokenizer
+from tp import input_from_rank0, max_over_ranks, maybe_init_dist, seed_all_ranks, shard_state_dict
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints/tiny-py/model.pth"
 
@@ -34,11 +38,13 @@ def default_device() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: the checkpoint on disk is the single source of truth, quantization included.
 
-def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
+def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, tp=False, precisions=None) -> Transformer:
     """Build the model described by config.json (or the registry) and load the weights, memory-mapped.
 
     A quantized checkpoint names its format under the key "quantization"; its runtime modules replace nn.Linear
-    before the weights are loaded, so no flag is needed.
+    before the weights are loaded, so no flag is needed. tp=True (under torchrun, after tp.maybe_init_dist) loads
+    only this rank's shard of every layer. precisions (an any-precision file) loads only the bitplanes and tables
+    those widths read.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -48,11 +54,16 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
     config = ModelArgs.for_checkpoint(path)
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     quantization = state.pop("quantization", None)
+    if precisions is not None:
+        from anyprec import select_precisions
+        state, quantization = select_precisions(state, quantization, precisions, path)
     with torch.device("meta"):
         model = Transformer(config)
     if quantization is not None:
         apply_quantization(model, quantization)
     check_state_dict(model, state, path)
+    if tp:
+        state = shard_state_dict(model, state)  # views of this rank's slices: the copy below reads only those
     parameters = {name for name, _ in model.named_parameters()}
     # Tensor by tensor from the memory map to the device: peak memory stays about one model.
     state = {k: v.to(device, dtype if k in parameters else None) for k, v in state.items()}
@@ -99,6 +110,9 @@ def weight_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for module in model.modules():
         if isinstance(module, (nn.Embedding, KVCache)):
+            continue
+        if hasattr(module, "bytes_read"):  # an any-precision Linear reads only its current width's planes and table
+            total += module.bytes_read()
             continue
         for name, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
             if name != "rope" and id(t) not in seen:
@@ -242,12 +256,23 @@ def summary(all_stats: list[dict], model: nn.Module, device) -> str:
     seconds = sum(s["decode_time"] for s in all_stats)
     batch = all_stats[0]["batch_size"]
     steps_per_s = steps / seconds if seconds > 0 else float("nan")
+    tokens = sum(s.get("decode_tokens", s["decode_steps"] * batch) for s in all_stats)  # speculative: several a step
+    tok_s = tokens / seconds if seconds > 0 else float("nan")
+    memory, each = peak_memory_gb(device), ""
+    if torch.distributed.is_initialized():  # tensor parallel: the weights of one rank, the memory of the fullest
+        memory, each = max_over_ranks(memory), f" per {'GPU' if torch.device(device).type == 'cuda' else 'rank'}"
     rows = [
         ("time to first token", f"{1000 * sum(s['ttft'] for s in all_stats) / len(all_stats):.1f} ms"),
-        ("decode", f"{steps_per_s * batch:.2f} tok/s" + (f" ({steps_per_s:.2f} per sequence)" if batch > 1 else "")),
-        ("weights read", f"{weight_bytes(model) * steps_per_s / 1e9:.2f} GB/s ({weight_bytes(model) / 1e9:.3f} GB)"),
-        ("peak memory", f"{peak_memory_gb(device):.2f} GB"),
+        ("decode", f"{tok_s:.2f} tok/s" + (f" ({tok_s / batch:.2f} per sequence)" if batch > 1 else "")),
+        ("weights read", f"{weight_bytes(model) * steps_per_s / 1e9:.2f} GB/s{each} "
+                         f"({weight_bytes(model) / 1e9:.3f} GB)"),
+        ("peak memory", f"{memory:.2f} GB{each}"),
     ]
+    if "accepted" in all_stats[0]:  # speculative: accepted[n] counts the row-steps that kept n drafted tokens
+        from speculative import acceptance_summary
+        mean, histogram = acceptance_summary([sum(c) for c in zip(*(s["accepted"] for s in all_stats))])
+        rows += [("tokens per forward", f"{mean:.2f} (mean accepted drafts + 1, per target forward)"),
+                 ("drafts accepted", histogram)]
     return "\n".join(f"{name:>20}: {value}" for name, value in rows)
 
 
@@ -284,19 +309,28 @@ def read_prompts(args, tokenizer) -> list[list[int]]:
     return [tokenizer.encode(t, bos=True) for t in texts for _ in range(args.batch_size)]
 
 
-def chat(model, tokenizer, args, prefill_fn, decode_fn):
+def chat(model, tokenizer, args, prefill_fn, decode_fn, generate_fn=generate):
     """A chat loop with the model's template and the conversation's history. /reset forgets it, /exit ends."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chat: /reset forgets the conversation, /exit (or Ctrl-D) ends it.")
+    print("Chat: /reset forgets the conversation, /exit (or Ctrl-D) ends it, /precision N switches the width of an "
+          "any-precision model.")
     while True:
         try:
-            text = input("\nuser> ")
+            text = (input_from_rank0 if torch.distributed.is_initialized() else input)("\nuser> ")
         except EOFError:
             return
         if text.strip() == "/exit":
             return
         if text.strip() == "/reset":
             messages = messages[:1] if args.system else []
+            continue
+        if text.strip().startswith("/precision"):  # an any-precision model switches width between turns
+            from anyprec import set_precision
+            try:
+                set_precision(model, int(text.split()[1]))
+                print(f"[now at {text.split()[1]} bits]")
+            except (ValueError, IndexError) as e:
+                print(f"[{e if 'precision' in str(e) else 'usage: /precision N'}]")
             continue
         messages.append({"role": "user", "content": text})
         ids = tokenizer.chat_prompt(messages)
@@ -306,7 +340,7 @@ def chat(model, tokenizer, args, prefill_fn, decode_fn):
             continue
         stream = TextStream(tokenizer, ids)
         print("assistant> ", end="", flush=True)
-        (reply,), _ = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        (reply,), _ = generate_fn(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, stop_ids=tokenizer.stop_ids, prefill_fn=prefill_fn,
                                decode_fn=decode_fn, on_tokens=stream)
         messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
@@ -334,26 +368,62 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--precision", type=int, default=None, help="bits per weight of an any-precision model "
+                   "(anyprec.py); default its widest")
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="speculative decoding with this draft")
+    p.add_argument("--speculate_k", type=int, default=5, help="tokens the draft proposes per target forward")
+    p.add_argument("--draft_precision", type=int, default=None, help="self-speculation: an any-precision model "
+                   "drafts with its own weights at this many bits")
+    p.add_argument("--medusa_heads", type=Path, default=None, help="Medusa decoding with these heads (medusa.py train)")
+    p.add_argument("--medusa_tree", default=None, help="mc_sim_7b_63 or a JSON file of medusa_choices "
+                   "(default: the tree calibrated with the heads)")
+    p.add_argument("--medusa_typical", action="store_true", help="Medusa's typical acceptance instead of exact "
+                   "sampling at temperature > 0 (faster, not the model's distribution)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.seed is not None:
+    rank = maybe_init_dist(args.device)  # under torchrun: tensor parallelism, one shard of every layer per rank
+    log = sys.stderr  # progress notes; the text goes to stdout
+    if rank is not None:
+        seed_all_ranks(args.seed)  # every rank holds the same logits: the same seed draws the same tokens
+        if rank > 0:  # output on rank 0 only (errors still reach stderr)
+            sys.stdout = log = open(os.devnull, "w")
+    elif args.seed is not None:
         torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     t0 = time.perf_counter()
-    model = load_model(args.checkpoint_path, args.device, dtype)
+    # An any-precision file at one width loads only that width's planes; --interactive keeps all for /precision.
+    widths = None if args.precision is None or args.interactive else {args.precision, args.draft_precision} - {None}
+    model = load_model(args.checkpoint_path, args.device, dtype, tp=rank is not None, precisions=widths)
+    if args.precision is not None:
+        from anyprec import set_precision
+        set_precision(model, args.precision)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}: "
                          f"the tokenizer beside {args.checkpoint_path} belongs to another model")
     sync(args.device)
-    print(f"loaded {args.checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    prefill_fn, decode_fn = compile_fns(args.compile, args.compile_prefill)
+    print(f"loaded {args.checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=log)
+    generate_fn, compile_decoding = generate, compile_fns
+    if args.medusa_heads:  # the heads propose a tree of continuations, the model verifies it in one forward
+        import medusa
+        if args.draft_checkpoint_path or args.draft_precision:
+            raise ValueError("--medusa_heads and a draft (--draft_checkpoint_path, --draft_precision) are two ways to "
+                             "decode: pick one")
+        generate_fn = functools.partial(medusa.generate, typical=(0.09, 0.3) if args.medusa_typical else None,
+                                        **medusa.load(args.medusa_heads, model, args.medusa_tree))
+        compile_decoding = medusa.compile_fns
+    if args.draft_checkpoint_path or args.draft_precision:  # the draft proposes, the model verifies in one forward
+        import speculative
+        draft = speculative.load_draft(model, args.draft_checkpoint_path, args.draft_precision, args.device, dtype)
+        generate_fn = functools.partial(speculative.generate, draft=draft, speculate_k=args.speculate_k)
+        compile_decoding = speculative.compile_fns
+    prefill_fn, decode_fn = compile_decoding(args.compile, args.compile_prefill)
     if args.interactive:
         model.setup_caches(1, args.max_seq_length or min(model.config.block_size, 4096))
-        return chat(model, tokenizer, args, prefill_fn, decode_fn)
+        return chat(model, tokenizer, args, prefill_fn, decode_fn, generate_fn)
 
     prompts = read_prompts(args, tokenizer)
     need = max(map(len, prompts)) + args.max_new_tokens
@@ -367,14 +437,14 @@ def main(argv=None):
                   prefill_fn=prefill_fn, decode_fn=decode_fn)
     if args.compile or args.compile_prefill:  # the first run compiles; it is not counted
         t = time.perf_counter()
-        generate(model, prompts, args.max_new_tokens, **kwargs)
-        print(f"compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        generate_fn(model, prompts, args.max_new_tokens, **kwargs)
+        print(f"compiled in {time.perf_counter() - t:.1f} s", file=log)
     all_stats = []
     for _ in range(args.num_samples):
         stream = TextStream(tokenizer, prompts[0]) if len(prompts) == 1 else None
         if stream:
             print(tokenizer.decode(prompts[0]), end="", flush=True)
-        results, stats = generate(model, prompts, args.max_new_tokens, on_tokens=stream, **kwargs)
+        results, stats = generate_fn(model, prompts, args.max_new_tokens, on_tokens=stream, **kwargs)
         if stream:
             print()
         else:

@@ -1,0 +1,335 @@
+"""quantize.py: the formats, GPTQ, files, loading, the tiny model's perplexity, and (on a GPU) the kernels."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quantize
+from eval import calibration_windows, perplexity, stdlib_texts
+from generate import generate, load_model
+from model import ModelArgs, Transformer
+from nvcc import compile_cuda, kernel_report, needs_nvcc
+from quantize import (GROUPSIZES, Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, gptq, quantize_checkpoint,
+                      quantize_int4, quantize_int8, quantize_model, unpack_int4)
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "checkpoints/tiny-py/model.pth"
+# dim 64 and ffn 96: every layer's width divides by 32, w2's (96) not by 64, so --groupsize 64 must be refused.
+CONFIG = ModelArgs(block_size=128, vocab_size=512, n_layer=2, n_head=4, n_kv_heads=2, dim=64, intermediate_size=96)
+
+
+def rows_of_scale(N, K):
+    """Weights whose rows differ in scale by 100x, as real layers' do."""
+    return torch.randn(N, K) * torch.logspace(-2, 0, N)[:, None]
+
+
+@pytest.mark.parametrize("N,K", [(1, 16), (37, 80), (256, 512)])
+def test_int8_round_trip(N, K):
+    w = rows_of_scale(N, K)
+    weight, scales = quantize_int8(w)
+    assert weight.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales.shape == (N,)
+    assert (weight.abs().amax(dim=1) >= 126).all()  # each row's largest weight uses the full range
+    err = (dequantize_int8(weight, scales) - w).abs()
+    assert (err <= 0.51 * scales.float()[:, None] + 1e-7).all()  # half a step (bf16 scale rounding: the 0.01)
+
+
+@pytest.mark.parametrize("groupsize", GROUPSIZES)
+def test_int4_round_trip(groupsize):
+    N, K = 48, 512
+    w = rows_of_scale(N, K) + torch.randn(N, 1)  # groups off centre: the zero must follow
+    weight, sz = quantize_int4(w, groupsize)
+    assert weight.shape == (N, K // 2) and weight.dtype == torch.uint8
+    assert sz.shape == (N, K // groupsize, 2) and sz.dtype == torch.bfloat16
+    codes = unpack_int4(weight)
+    assert codes.max() == 15 and codes.min() == 0 and torch.equal(quantize.pack_int4(codes), weight)
+    step, zero = sz.float().repeat_interleave(groupsize, dim=1).unbind(-1)
+    # Half a step, but at the ends of a group's range also the bf16 rounding of its zero (2^-9 relative).
+    assert ((dequantize_int4(weight, sz) - w).abs() <= 0.52 * step + 2**-9 * zero.abs() + 1e-6).all()
+    # The layout, from first principles: byte 0 holds k = 0 in its low nibble and k = 1 in its high one.
+    scale, zero = sz[:, 0].float().unbind(-1)
+    first = ((w[:, :2] - zero[:, None]) / scale[:, None]).round().add(8).clamp(0, 15).to(torch.uint8)
+    assert torch.equal(weight[:, 0] & 15, first[:, 0]) and torch.equal(weight[:, 0] >> 4, first[:, 1])
+
+
+def test_pytorch_paths_compute_the_dequantized_linear():
+    x = torch.randn(3, 5, 128)
+    w = torch.randn(72, 128)
+    int8, int4 = Int8Linear(*quantize_int8(w)), Int4Linear(*quantize_int4(w, 32))
+    torch.testing.assert_close(int8(x), F.linear(x, dequantize_int8(int8.weight, int8.scales)))
+    torch.testing.assert_close(int4(x), F.linear(x, dequantize_int4(int4.weight, int4.scales_and_zeros)), rtol=0, atol=0)
+    assert int8(x.bfloat16()).dtype == int4(x.bfloat16()).dtype == torch.bfloat16
+    # tp.py's row-parallel shard: a column slice of the packed weight and whole groups of the scales (non-contiguous).
+    half = Int4Linear(int4.weight[:, 32:], int4.scales_and_zeros[:, 2:])
+    torch.testing.assert_close(half(x[..., 64:]), F.linear(x[..., 64:], dequantize_int4(int4.weight, int4.scales_and_zeros)[:, 64:]))
+
+
+def test_custom_ops_trace_without_graph_breaks():
+    x, w = torch.randn(2, 64), torch.randn(40, 64)
+    torch.library.opcheck(torch.ops.quantize.int8_linear.default, (x, *quantize_int8(w)))
+    torch.library.opcheck(torch.ops.quantize.int4_linear.default, (x, *quantize_int4(w, 32)))
+    layer = Int4Linear(*quantize_int4(w, 32))
+    torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), layer(x))
+
+
+@needs_nvcc
+def test_cuda_source_compiles_for_sm80_and_sm90a_without_spills():
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # load_inline's: no implicit half/bf16 conversions
+    defines = "".join(f"#define {f[2:]}\n" for f in COMMON_NVCC_FLAGS if f.startswith("-D"))
+    log = compile_cuda(defines + quantize.CUDA_SOURCE)
+    report = kernel_report(log)
+    for kernel, count in [("gemv_kernel", 32), ("int4_dequantize_kernel", 2)]:  # gemv: int8/int4 x bf16/fp16 x M 1..8
+        for arch in ["sm_80", "sm_90a"]:
+            found = {k: v for k, v in report.items() if kernel in k[0] and k[1] == arch}
+            assert len(found) == count, (kernel, arch)
+            for (name, _), v in found.items():
+                assert v["spill_stores"] == v["spill_loads"] == 0, f"{name} spills on {arch}: {v}"
+    # Register arrays indexed only by unrolled loops: nothing in local memory either.
+    assert set(re.findall(r"(\d+) bytes stack frame", log)) == {"0"}
+
+
+def layer_error(x, w, w_hat):
+    return ((x @ (w - w_hat).T) ** 2).sum().item()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_output_error_of_a_layer(act_order):
+    """On inputs with correlated features GPTQ's output error is well below round-to-nearest's, same format."""
+    K, N = 256, 64
+    mix = torch.randn(K, K) / K**0.5 + torch.eye(K) * torch.rand(K) * 2
+    x = torch.randn(2048, K) @ mix
+    w = torch.randn(N, K) * 0.05
+    for groupsize in (32, 128):
+        codes, scale, zero = gptq(w, x.T @ x, groupsize, act_order=act_order)
+        w_gptq = dequantize_int4(quantize.pack_int4(codes), torch.stack([scale, zero], -1))
+        w_rtn = dequantize_int4(*quantize_int4(w, groupsize))
+        assert layer_error(x, w, w_gptq) < 0.7 * layer_error(x, w, w_rtn)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, sp_model_file):
+    torch.manual_seed(1)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    state = {k: v.bfloat16() for k, v in Transformer(CONFIG).state_dict().items()}
+    torch.save(state, folder / "model.pth")
+    CONFIG.save(folder / "config.json")
+    shutil.copy(sp_model_file, folder / "tokenizer.model")
+    (folder / "calibration.txt").write_text("\n".join(stdlib_texts("heldout")[:3]))  # any text; small is fast
+    return folder / "model.pth"
+
+
+@pytest.mark.parametrize("mode", quantize.MODES)
+def test_files_load_as_their_pytorch_path_and_repeat_byte_for_byte(checkpoint, mode):
+    kwargs = dict(calibration_file=checkpoint.parent / "calibration.txt", calibration_samples=8, calibration_seq_len=64)
+    path = quantize_checkpoint(checkpoint, mode, 32, **kwargs)
+    assert path.name == {"int8": "model_int8.pth", "int4": "model_int4.g32.pth", "int4-gptq": "model_int4-gptq.g32.pth"}[mode]
+    first = path.read_bytes()
+    assert quantize_checkpoint(checkpoint, mode, 32, **kwargs).read_bytes() == first
+    assert not list(checkpoint.parent.glob("*.tmp"))
+
+    state = torch.load(path, weights_only=True, mmap=True)
+    assert state["quantization"]["mode"] == mode and state["tok_embeddings.weight"].dtype == torch.bfloat16
+    model = load_model(path, "cpu", torch.float32)
+    assert isinstance(model.layers[1].feed_forward.w2, Int8Linear if mode == "int8" else Int4Linear)
+    # The same model by hand: bf16 weights, each quantized layer replaced by its dequantized weight.
+    reference = Transformer(CONFIG)
+    dense = {k: v.float() for k, v in state.items() if k != "quantization" and not k.endswith(("scales", "scales_and_zeros"))}
+    for name in quantize.linear_names(reference):
+        q = {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")}
+        dense[name + ".weight"] = dequantize_int8(**q) if mode == "int8" else dequantize_int4(**q)
+    reference.load_state_dict(dense)
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 20))
+    torch.testing.assert_close(model(idx), reference(idx))
+
+
+def test_quantized_model_generates_like_its_dequantized_weights(checkpoint):
+    """The decode path too (KV cache, batch 1 and ragged 2): the same tokens as the reference model."""
+    model = load_model(quantize_checkpoint(checkpoint, "int4", 32), "cpu", torch.float32)
+    reference = load_model(checkpoint, "cpu", torch.float32)
+    for name in quantize.linear_names(reference):
+        layer = model.get_submodule(name)
+        reference.get_submodule(name).weight.data = dequantize_int4(layer.weight, layer.scales_and_zeros)
+    prompts = [[1, 5, 9], [2, 7, 11, 4, 4, 8]]
+    assert generate(model, prompts, 12)[0] == generate(reference, prompts, 12)[0]
+
+
+def run(script, *args):
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True)
+    return r.returncode, r.stdout, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+
+
+def test_generate_and_eval_load_quantized_files_with_no_flag(checkpoint):
+    path = quantize_checkpoint(checkpoint, "int8", 32)
+    rc, out, err = run("generate.py", "--checkpoint_path", path, "--max_new_tokens", 8, "--device", "cpu")
+    assert rc == 0 and "tok/s" in out, err
+    rc, out, err = run("eval.py", "--checkpoint_path", path, "--max_tokens", 300, "--seq_len", 64, "--device", "cpu")
+    assert rc == 0 and "perplexity" in out, err
+
+
+def test_clear_errors(checkpoint):
+    rc, _, err = run("quantize.py", "--checkpoint_path", checkpoint, "--mode", "int4", "--groupsize", "64")
+    assert rc != 0 and err.startswith("error:") and "--groupsize 64" in err and "use 32" in err
+    assert not list(checkpoint.parent.glob("model_int4*"))
+    path = quantize_checkpoint(checkpoint, "int8", 32)
+    rc, _, err = run("quantize.py", "--checkpoint_path", path, "--mode", "int4", "--groupsize", "32")
+    assert rc != 0 and err.startswith("error:") and "already quantized (int8)" in err
+    with pytest.raises(FileNotFoundError, match="not found"):
+        quantize_checkpoint(checkpoint.parent / "nope.pth", "int8")
+
+
+def test_bench_times_every_mode_against_the_unquantized_model(checkpoint, capsys):
+    """scripts/bench.py --mode, on CPU: the code path the GPU runs, minus the speed."""
+    import bench
+    bench.main(["--checkpoint_path", str(checkpoint), "--device", "cpu", "--dtype", "float32", "--mode", "int8", "int4",
+                "int4-gptq", "--groupsize", "32", "--max_new_tokens", "4", "--runs", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[-4:]] == ["float32", "int8", "int4", "int4-gptq"]
+    assert all(line.endswith("x") for line in lines[-4:])
+
+
+def test_bench_kernels_report_times_every_kernel_against_both_baselines(monkeypatch):
+    """scripts/bench.py --kernels with the GPU parts stubbed out: every kernel runs on its weights (through the
+    custom ops' PyTorch path) and gets a row with both ratios."""
+    import types
+    import bench
+    runs = []
+
+    def one_call(fn, args_list, repeats=20):
+        runs.append((fn(*args_list[0]), sum(t.numel() * t.element_size() for args in args_list for t in args)))
+        return 1e-4
+    monkeypatch.setattr(bench, "time_per_call", one_call)
+    monkeypatch.setattr(bench, "int4pack", lambda w, g: [w.clone(), torch.zeros(w.shape[1] // g, w.shape[0], 2)])
+    monkeypatch.setattr(bench, "header", lambda device: "")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(L2_cache_size=2**20))
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm", lambda x, packed, g, sz: x @ packed.T.to(x.dtype))
+    candidates = bench.kernel_candidates
+    monkeypatch.setattr(bench, "kernel_candidates", lambda g: candidates(g)[:2])  # quantize.py's (others need CUDA)
+    report = bench.kernels_report(bench.parse_args(["--kernels", "--device", "cpu", "--model_name", "TinyLlama-1.1B"]))
+    rows = report.splitlines()[3:]
+    assert len(rows) == 4 * 4 and all(row.endswith("x") for row in rows)  # 4 layers x (2 baselines + 2 kernels)
+    assert all(y.shape[0] == 1 and nbytes > 2**20 for y, nbytes in runs)  # one token; copies exceed the (stubbed) L2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shipped tiny model: held-out perplexity of every format (the figures README gives, on a slice).
+
+def test_tiny_model_perplexity(tmp_path):
+    tokenizer = load_tokenizer(TINY.parent)
+    heldout = stdlib_texts("heldout")[:6]  # 38k tokens, of which the first 20k are scored
+    (tmp_path / "train.txt").write_text("\n".join(stdlib_texts("train")[:100]))  # calibrate on a slice of the train split
+    windows = calibration_windows(tokenizer, 32, 512, tmp_path / "train.txt")
+
+    def ppl(mode=None, groupsize=128):
+        model = load_model(TINY, "cpu", torch.float32)
+        if mode:
+            quantize_model(model, mode, groupsize, windows)
+        return perplexity(model, tokenizer, heldout, 512, max_tokens=20_000)["perplexity"]
+
+    bf16 = ppl()
+    assert ppl("int8") < 1.01 * bf16
+    for groupsize in GROUPSIZES:
+        rtn, gptq_ = ppl("int4", groupsize), ppl("int4-gptq", groupsize)
+        assert gptq_ < rtn < 1.05 * bf16, (groupsize, bf16, gptq_, rtn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On the GPU: the kernels against the PyTorch path (dequantized weight @ x in fp32).
+
+SHAPES = {  # (N, K) of every Llama-2-7B and Llama-3-8B layer, then odd sizes
+    "7B": [(12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)],
+    "8B": [(6144, 4096), (14336, 4096), (4096, 14336), (128256, 4096)],
+    "odd": [(1, 256), (7, 96), (33, 160), (1001, 4128), (4099, 2304)],
+}
+BATCHES = [1, 2, 3, 8, 17, 64, 300]
+
+
+def check_close(out, ref, gemv: bool):
+    # GEMV: fp32 sums rounded once to bf16. Prefill: the weight is rounded to bf16 before the matmul (a random error
+    # of ~0.001 x the output's rms per element, hence the atol), and int8's output once more by the scale.
+    rms = ref.pow(2).mean().sqrt().item()
+    torch.testing.assert_close(out.float(), ref, rtol=2**-8 if gemv else 2**-7, atol=(2**-10 if gemv else 2**-7) * rms)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("family", SHAPES)
+def test_kernels_equal_the_pytorch_path(mode, family):
+    torch.set_float32_matmul_precision("highest")
+    for i, (N, K) in enumerate(SHAPES[family]):
+        w = torch.randn(N, K, device="cuda") * 0.02
+        groupsize = GROUPSIZES[i % 4] if K % GROUPSIZES[i % 4] == 0 else 32
+        q = quantize_int8(w) if mode == "int8" else quantize_int4(w, groupsize)
+        dense = dequantize_int8(*q) if mode == "int8" else dequantize_int4(*q)
+        if mode == "int4":  # the prefill path's dequantization is bit-exact
+            out = torch.full((N, K), float("nan"), device="cuda", dtype=torch.bfloat16)
+            quantize.kernels().int4_dequantize(*q, out)
+            assert torch.equal(out, dense.bfloat16())
+        for M in BATCHES:
+            for dtype in (torch.bfloat16, torch.float16):
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                ref = x.float() @ dense.T
+                if M <= quantize.GEMV_MAX_TOKENS:
+                    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)  # every element must be written
+                    quantize.kernels().gemv(x, *q, out)
+                    check_close(out, ref, gemv=True)
+                op = torch.ops.quantize.int8_linear if mode == "int8" else torch.ops.quantize.int4_linear
+                check_close(op(x[None], *q)[0], ref, gemv=M <= quantize.GEMV_MAX_TOKENS)
+
+
+@pytest.mark.cuda
+def test_odd_activations():
+    """An int8 width that is not a multiple of 16 takes the matmul path; activations that are a strided or
+    misaligned view are copied for the kernels."""
+    w, x = torch.randn(50, 40, device="cuda"), torch.randn(1, 40, device="cuda", dtype=torch.bfloat16)
+    q = quantize_int8(w)
+    check_close(torch.ops.quantize.int8_linear(x, *q), x.float() @ dequantize_int8(*q).T, gemv=False)
+    w = torch.randn(96, 256, device="cuda")
+    for x in [torch.randn(3 * 256 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(3, 256),
+              torch.randn(256, 3, device="cuda", dtype=torch.bfloat16).t()]:
+        for q, dense in [(quantize_int8(w), dequantize_int8), (quantize_int4(w, 64), dequantize_int4)]:
+            op = torch.ops.quantize.int8_linear if len(q[1].shape) == 1 else torch.ops.quantize.int4_linear
+            check_close(op(x, *q), x.float() @ dense(*q).T, gemv=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cuda_graph_replays_to_the_same_output(mode):
+    w = torch.randn(4096, 4096, device="cuda") * 0.02
+    layer = Int8Linear(*quantize_int8(w)) if mode == "int8" else Int4Linear(*quantize_int4(w, 128))
+    x = torch.randn(2, 1, 4096, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(x)  # builds the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_decode_of_a_quantized_model_matches_eager(mode):
+    """torch.compile traces through the custom ops (no graph break) and the CUDA graph replays them."""
+    torch.manual_seed(0)
+    config = ModelArgs(block_size=64, vocab_size=512, n_layer=2, n_head=8, n_kv_heads=2, dim=256, intermediate_size=768)
+    model = quantize_model(Transformer(config).to("cuda", torch.bfloat16).eval(), mode, 64)
+    model.setup_caches(2, 32)
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        model(torch.randint(0, 512, (2, 8), device="cuda"), torch.arange(8, device="cuda"))
+        for pos in range(8, 14):
+            token, input_pos = torch.randint(0, 512, (2, 1), device="cuda"), torch.tensor([pos], device="cuda")
+            eager = model(token, input_pos).float()
+            compiled = step(token, input_pos).float()  # rewrites the same cache slots with the same values
+            torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.05 * eager.std().item())
