@@ -603,7 +603,8 @@ def quantize_checkpoint(checkpoint_path, mode: str, groupsize: int = 128, device
                             calibration_samples=calibration_samples, calibration_seq_len=calibration_seq_len,
                             damp=damp, act_order=act_order)
     quantize_model(model, mode, groupsize, windows, damp, act_order)
-    parameters = {name for name, _ in model.named_parameters()}  # what stayed unquantized keeps the file's dtype
+    # What stayed unquantized keeps the file's dtype; a tied output head is the embedding and is not written twice.
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     state = {k: (v.to(original[k].dtype) if k in parameters else v).cpu()
              for k, v in model.state_dict().items() if k in original or k not in parameters}
     state["quantization"] = quantization
