@@ -159,6 +159,17 @@ def test_quantized_model_generates_like_its_dequantized_weights(checkpoint):
     assert generate(model, prompts, 12)[0] == generate(reference, prompts, 12)[0]
 
 
+def test_tied_output_head_stays_the_embedding(tmp_path):
+    """tiny-py-draft ties its output head to the embedding: the file must not carry a second copy, and the head
+    must stay the (unquantized) embedding table."""
+    for f in ("model.pth", "config.json", "tokenizer.model"):
+        shutil.copy(ROOT / "checkpoints/tiny-py-draft" / f, tmp_path / f)
+    path = quantize_checkpoint(tmp_path / "model.pth", "int4", 32)
+    assert "output.weight" not in torch.load(path, weights_only=True, mmap=True)
+    model = load_model(path, "cpu", torch.float32)
+    assert model.output.weight is model.tok_embeddings.weight and "output" not in quantize.linear_names(model)
+
+
 def run(script, *args):
     r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True)
     return r.returncode, r.stdout, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
