@@ -301,8 +301,6 @@ def quantize(checkpoint_path, seed=3, parent=8, calibration_file=None, calibrati
     if calibration_seq_len > model.config.block_size:
         raise ValueError(f"--calibration_seq_len {calibration_seq_len} exceeds the model's block_size "
                          f"{model.config.block_size}")
-    if calibration_file is not None and not Path(calibration_file).is_file():
-        raise FileNotFoundError(f"--calibration_file {calibration_file} not found")
     windows = calibration_windows(load_tokenizer(path.parent), calibration_samples, calibration_seq_len,
                                   calibration_file)
     fisher = fisher_diag(model, windows, progress)

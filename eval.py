@@ -53,6 +53,8 @@ def calibration_windows(tokenizer, samples: int = 128, seq_len: int = 512, text_
     They come from the train split, not the held-out one, because perplexity is measured on the held-out split and
     a quantizer must not have seen it (the GPTQ paper calibrates on C4 train and evaluates elsewhere too).
     """
+    if text_file is not None and not Path(text_file).is_file():
+        raise FileNotFoundError(f"--calibration_file {text_file} not found")
     texts = stdlib_texts("train") if text_file is None else [Path(text_file).read_text()]
     stream = encode_documents(tokenizer, texts)
     if len(stream) <= seq_len:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from model import KVCache, ModelArgs, Transformer
 from tokenizer import load_tokenizer
@@ -181,6 +182,31 @@ def compile_fns(compile_decode: bool, compile_prefill: bool):
             decode or decode_one_token)
 
 
+def right_padded(prompts: list[list[int]], device) -> tuple[Tensor, Tensor]:
+    """(tokens, input_pos) [B, S]: each prompt from position 0, padded on the right. A row's padding lands in its
+    cache past its prompt, where the row's own tokens overwrite it before anything attends there."""
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("empty prompt")
+    tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    return tokens, torch.arange(max(lengths), device=device).expand(len(prompts), -1)
+
+
+def reserve_cache(model: Transformer, batch_size: int, prompt_length: int, extra: int, what: str, fix: str,
+                  name: str = "model"):
+    """Grow the model's caches (never shrink them) to batch_size rows of prompt_length + extra slots; `what` names
+    the extra slots and `fix` the flag to lower, for the error when they exceed the model's context."""
+    length = prompt_length + extra
+    if model.max_seq_length >= length and model.max_batch_size >= batch_size:
+        return
+    if length > model.config.block_size:
+        raise ValueError(f"prompt ({prompt_length} tokens) + {what} exceeds the {name}'s context of "
+                         f"{model.config.block_size}: shorten the prompt or {fix}")
+    model.setup_caches(max(batch_size, model.max_batch_size), max(length, model.max_seq_length))
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
              top_p=None, stop_ids=(), prefill_fn=prefill, decode_fn=decode_one_token, on_tokens=None):
@@ -192,18 +218,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """
     device = model.tok_embeddings.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError("empty prompt")
-    need = max(lengths) + max_new_tokens
-    if model.max_seq_length < need or model.max_batch_size < B:
-        if need > model.config.block_size:
-            raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's context of {model.config.block_size}: shorten the prompt or --max_new_tokens")
-        model.setup_caches(max(B, model.max_batch_size), max(need, model.max_seq_length))
-    tokens = torch.zeros(B, max(lengths), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    input_pos = torch.arange(max(lengths), device=device).expand(B, -1)
+    tokens, input_pos = right_padded(prompts, device)
+    reserve_cache(model, B, max(lengths), max_new_tokens, f"max_new_tokens ({max_new_tokens})", "--max_new_tokens")
     length = torch.tensor(lengths, device=device)
 
     sync(device)

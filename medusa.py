@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from generate import DEFAULT_CHECKPOINT, default_device, load_model, logits_to_probs, sample, sample_from, sync
+from generate import (DEFAULT_CHECKPOINT, default_device, load_model, logits_to_probs, reserve_cache, right_padded,
+                      sample, sample_from, sync)
 from generate import generate as plain_generate
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,29 +341,20 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, heads: Med
     row-steps that accepted n candidates, so emitted n + 1 tokens), as speculative.generate does."""
     device = model.tok_embeddings.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError("empty prompt")
+    tokens, input_pos = right_padded(prompts, device)
     if tree.top > model.config.vocab_size:
         raise ValueError(f"--medusa_tree ranks up to {tree.top - 1}, beyond the vocabulary ({model.config.vocab_size})")
-    need = max(lengths) + max_new_tokens + len(tree.choices) + 1  # a running row's last step writes a whole tree
-    if model.max_seq_length < need or model.max_batch_size < B:
-        if need > model.config.block_size:
-            raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) + the Medusa tree "
-                             f"({len(tree.choices) + 1}) exceeds the model's context of {model.config.block_size}: "
-                             f"shorten the prompt or --max_new_tokens")
-        model.setup_caches(max(B, model.max_batch_size), max(need, model.max_seq_length))
+    T = len(tree.choices) + 1  # a running row's last step writes a whole tree
+    reserve_cache(model, B, max(lengths), max_new_tokens + T, f"max_new_tokens ({max_new_tokens}) + the Medusa tree "
+                  f"({T})", "--max_new_tokens")
     if tree.parent.device != device:
         tree = build_tree(tree.choices, tree.num_heads, device)
-    tokens = torch.zeros(B, max(lengths), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
     L = torch.tensor(lengths, device=device)
     sampling = (temperature, top_k, top_p, typical)
 
     sync(device)
     t0 = time.perf_counter()
-    pool = prefill_fn(model, heads, tree, tokens, torch.arange(max(lengths), device=device).expand(B, -1), L - 1,
-                      *sampling).clone()
+    pool = prefill_fn(model, heads, tree, tokens, input_pos, L - 1, *sampling).clone()
     host = pool[:, 0].tolist()
     ttft = time.perf_counter() - t0
     out, done = [[t] for t in host], [t in stop_ids or max_new_tokens <= 1 for t in host]

@@ -595,8 +595,6 @@ def quantize_checkpoint(checkpoint_path, mode: str, groupsize: int = 128, device
         if calibration_seq_len > model.config.block_size:
             raise ValueError(f"--calibration_seq_len {calibration_seq_len} exceeds the model's block_size "
                              f"{model.config.block_size}")
-        if calibration_file is not None and not Path(calibration_file).is_file():
-            raise FileNotFoundError(f"--calibration_file {calibration_file} not found")
         windows = calibration_windows(load_tokenizer(path.parent), calibration_samples, calibration_seq_len,
                                       calibration_file)
         quantization.update(calibration=Path(calibration_file).name if calibration_file else "stdlib train split",

@@ -28,7 +28,8 @@ import time
 import torch
 from torch import Tensor
 
-from generate import compile_fns as compile_plain, logits_to_probs, prefill, sample_from, sync
+from generate import (compile_fns as compile_plain, logits_to_probs, prefill, reserve_cache, right_padded, sample_from,
+                      sync)
 from model import Transformer
 
 
@@ -164,22 +165,12 @@ def generate(target: Transformer, prompts: list[list[int]], max_new_tokens: int,
         raise ValueError(f"--speculate_k {k}: propose at least one token")
     device = target.tok_embeddings.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError("empty prompt")
+    tokens, input_pos = right_padded(prompts, device)
     # The last step starts before max_new_tokens and writes k + 1 slots: the cache must hold the overshoot.
-    need = max(lengths) + max_new_tokens + k + 1
-    for name, model in (("target", target), ("draft", draft)):
-        if model.max_seq_length < need or model.max_batch_size < B:
-            if need > model.config.block_size:
-                raise ValueError(
-                    f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) + speculate_k + 1 ({k + 1}) "
-                    f"exceeds the {name} model's context of {model.config.block_size}: shorten the prompt, "
-                    f"or lower --max_new_tokens or --speculate_k")
-            model.setup_caches(max(B, model.max_batch_size), max(need, model.max_seq_length))
-    tokens = torch.zeros(B, max(lengths), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    input_pos = torch.arange(max(lengths), device=device).expand(B, -1)
+    for name, model in (("target model", target), ("draft model", draft)):
+        reserve_cache(model, B, max(lengths), max_new_tokens + k + 1,
+                      f"max_new_tokens ({max_new_tokens}) + speculate_k + 1 ({k + 1})",
+                      "lower --max_new_tokens or --speculate_k", name)
 
     sync(device)
     t0 = time.perf_counter()
