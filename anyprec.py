@@ -20,6 +20,7 @@ draft that shares every weight with the 8-bit target.
 """
 import argparse
 import copy
+import functools
 import itertools
 import math
 import sys
@@ -662,17 +663,13 @@ int dequant(int64_t qweight, int64_t lut, int64_t out, int64_t bits, bool fp16, 
             int64_t stream);
 """
 
-_kernels = None
 
-
+@functools.cache
 def kernels():
-    """The compiled extension (built once into TORCH_EXTENSIONS_DIR, on first CUDA use)."""
-    global _kernels
-    if _kernels is None:
-        from torch.utils.cpp_extension import load_inline
-        _kernels = load_inline("anyprec_kernels", CPP_DECLARATIONS, CUDA_SOURCE, functions=["gemv", "dequant"],
-                               extra_cuda_cflags=["-O3"])
-    return _kernels
+    """The compiled kernels: built on first CUDA use (a minute), then loaded from torch's extension cache."""
+    from torch.utils.cpp_extension import load_inline
+    return load_inline("anyprec_kernels", CPP_DECLARATIONS, CUDA_SOURCE, functions=["gemv", "dequant"],
+                       extra_cuda_cflags=["-O3"])
 
 
 def _check(qweight: Tensor, lut: Tensor, bits: int, out: Tensor, *wide: Tensor):

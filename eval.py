@@ -70,7 +70,7 @@ def perplexity(model, tokenizer, text, seq_len: int, batch_size: int = 8, max_to
 
     The model runs without a KV cache. Returns tokens, nll, perplexity.
     """
-    if model.max_seq_length > 0:
+    if model.has_cache:
         raise ValueError("perplexity runs the model without a KV cache: load a fresh model")
     stream = encode_documents(tokenizer, text)
     if max_tokens is not None:

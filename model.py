@@ -152,6 +152,11 @@ class Transformer(nn.Module):
         self.max_batch_size = -1
         self.max_seq_length = -1
 
+    @property
+    def has_cache(self) -> bool:
+        """Whether setup_caches has run: decode with positions and a KV cache, rather than whole sequences."""
+        return self.max_seq_length > 0
+
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the KV cache and the RoPE table once; decode then runs on static shapes."""
         if max_seq_length > self.config.block_size:
@@ -177,7 +182,7 @@ class Transformer(nn.Module):
         """
         B, S = idx.shape
         x = self.tok_embeddings(idx)
-        if self.max_seq_length < 0:  # no cache: training and perplexity
+        if not self.has_cache:  # training and perplexity
             c = self.config
             rope = rope_table(S, c.head_dim, c.rope_base, c.rope_scaling, idx.device)[None]
             if mask is None and c.sliding_window is not None and S > c.sliding_window:

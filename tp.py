@@ -72,7 +72,7 @@ def apply_tp(model: Transformer, rank: Optional[int] = None, world: Optional[int
     """
     rank = dist.get_rank() if rank is None else rank
     world = world_size() if world is None else world
-    if model.max_seq_length > 0:
+    if model.has_cache:
         raise ValueError("apply_tp must come before setup_caches: the KV cache is sharded with the heads")
     check_divisible(model, world)
     with torch.no_grad():
