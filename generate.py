@@ -5,27 +5,33 @@
     torchrun --standalone --nproc_per_node=8 generate.py --compile --checkpoint_path DIR/model.pth   # tensor parallel
 
 Decode runs on static shapes (the KV cache is allocated once, positions are tensors), so `--compile` captures one
-CUDA graph for the decode step and never recompiles.
+CUDA graph for the decode step and never recompiles. `generate` is the one decode loop: plain decoding here,
+speculative decoding (speculative.py) and Medusa (medusa.py) are other `Decoder`s that it runs.
+
+Needs model.py, tokenizer.py, quantize.py and anyprec.py (the formats a checkpoint may be in), tp.py (torchrun) and
+cli.py (flags and errors).
 """
 import argparse
-import contextlib
-import functools
 import itertools
 import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from model import KVCache, ModelArgs, Transformer
+import anyprec
+import cli
+import quantize
+from model import DEFAULT_CHECKPOINT, KVCache, ModelArgs, Transformer, load_state
 from tokenizer import load_tokenizer
-from tp import input_from_rank0, max_over_ranks, maybe_init_dist, seed_all_ranks, shard_state_dict
-
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints/tiny-py/model.pth"
+from tp import (input_from_rank0, max_over_ranks, maybe_init_dist, seed_all_ranks, shard_state_dict,
+                stalls_end_the_job)
 
 
 def default_device() -> str:
@@ -48,50 +54,39 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, tp=False, pr
     those widths read.
     """
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} not found: run scripts/prepare.sh <hf_repo_id> for a Hugging Face model "
-            f"(e.g. scripts/prepare.sh meta-llama/Llama-2-7b-chat-hf), or scripts/train_tiny.py for the tiny model")
+    state = load_state(path)
     config = ModelArgs.for_checkpoint(path)
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     quantization = state.pop("quantization", None)
     if precisions is not None:
-        from anyprec import select_precisions
-        state, quantization = select_precisions(state, quantization, precisions, path)
+        state, quantization = anyprec.select_precisions(state, quantization, precisions, path)
     with torch.device("meta"):
         model = Transformer(config)
-    if quantization is not None:
-        apply_quantization(model, quantization)
+    if quantization is not None:  # each format swaps in its own modules
+        format_module = anyprec if quantization.get("mode") == "anyprec" else quantize
+        format_module.swap_linears(model, quantization)
     check_state_dict(model, state, path)
     if tp:
         state = shard_state_dict(model, state)  # views of this rank's slices: the copy below reads only those
     parameters = {name for name, _ in model.named_parameters()}
-    # Tensor by tensor from the memory map to the device: peak memory stays about one model.
-    state = {k: v.to(device, dtype if k in parameters else None) for k, v in state.items()}
+    # Tensor by tensor from the memory map to the device: peak memory stays about one model. Contiguous, as the
+    # kernels read weights 16 bytes at a time: a row-parallel shard is a strided view until here.
+    state = {k: v.to(device, dtype if k in parameters else None).contiguous() for k, v in state.items()}
+    check_finite(state, parameters, path)
     model.load_state_dict(state, assign=True, strict=False)
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
 
-def apply_quantization(model: nn.Module, quantization: dict):
-    mode = quantization.get("mode")
-    if mode == "anyprec":
-        from anyprec import swap_linears
-    elif mode in ("int8", "int4", "int4-gptq"):
-        from quantize import swap_linears
-    else:
-        raise ValueError(f"unknown quantization mode {mode!r} in checkpoint")
-    swap_linears(model, quantization)
-
-
 def check_state_dict(model: nn.Module, state: dict, path):
-    """The tensors must be exactly those the config describes: a clear error beats a silent mismatch."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    """The tensors must be exactly those the config describes, weights floating point and a quantized format's
+    tensors of its own dtypes: a clear error beats a silent mismatch, or garbage."""
+    expected = model.state_dict()
     if model.config.tie_embeddings:
         expected.pop("output.weight")
+    parameters = {name for name, _ in model.named_parameters()}
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-    wrong = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k]]
+    wrong = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
     problems = []
     if missing:
         problems.append(f"missing {sorted(missing)[:3]}")
@@ -100,10 +95,22 @@ def check_state_dict(model: nn.Module, state: dict, path):
     if wrong:
         k = sorted(wrong)[0]
         problems.append(f"{len(wrong)} shape mismatches, e.g. {k} is {tuple(state[k].shape)}, "
-                        f"config expects {tuple(expected[k])}")
+                        f"config expects {tuple(expected[k].shape)}")
     if problems:
         raise ValueError(f"{path} does not match its config ({'; '.join(problems)}): "
                          f"check config.json or re-run scripts/convert_hf_checkpoint.py")
+    for k in sorted(expected):
+        ok = state[k].is_floating_point() if k in parameters else state[k].dtype == expected[k].dtype
+        if not ok:
+            want = "a floating-point type" if k in parameters else expected[k].dtype
+            raise ValueError(f"{path} is damaged or of another format: {k} is {state[k].dtype}, expected {want}")
+
+
+def check_finite(state: dict, parameters: set, path):
+    """A quantized format's scales and tables must be finite (they are small; the weights are left unread)."""
+    for k, t in state.items():
+        if k not in parameters and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{path} is damaged: {k} holds NaN or infinite values")
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -154,10 +161,45 @@ def sample(logits, temperature: float = 0.0, top_k=None, top_p=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prefill and decode: the two functions that get compiled.
+# Decoders: how tokens are produced. The loop below runs any of them.
+
+@dataclass
+class Decoder:
+    """A decoding strategy: `prefill` the prompts, then `step` until every row is done.
+
+    Both return, per row, the tokens emitted ([B, m]; m = 1 for plain decoding, more for speculative and Medusa),
+    how many of them are valid ([B], 1..m), and the state the next step takes (device tensors: a step copies
+    nothing from the host).
+        prefill(tokens [B, S], input_pos [B, S], last [B]) -> (tokens, n, state)   last: each row's last prompt index
+        step(state, active [B] bool) -> (tokens, n, state)   a finished row (not active) computes on, but may write
+                                                              only past its sequence and inside its cache
+    """
+    prefill: Callable
+    step: Callable
+    models: tuple  # the models whose KV caches the steps write
+    lookahead: int = 0  # cache slots a step may write past the last token the loop keeps
+
+
+def compile_step(fn):
+    """fn compiled for decoding: one CUDA graph per input shape (mode reduce-overhead), never a graph break."""
+    _inductor_options()
+    return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+def compile_prefill(fn):
+    """fn compiled for prompts of any length: dynamic shapes, no CUDA graph."""
+    _inductor_options()
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _inductor_options():
+    import torch._inductor.config
+    torch._inductor.config.coordinate_descent_tuning = True
+    torch._inductor.config.fx_graph_cache = True
+
 
 def prefill(model: Transformer, tokens, input_pos, last, temperature: float, top_k, top_p):
-    """tokens, input_pos [B, S] (rows right-padded); last [B] index of each row's last prompt token.
+    """tokens, input_pos [B, S] (rows right-padded); last [B] index of each row's last prompt token -> tokens [B].
 
     Only the last position of each row goes through the output head.
     """
@@ -171,88 +213,116 @@ def decode_one_token(model: Transformer, cur, input_pos, temperature: float, top
     return sample(model(cur, input_pos)[:, -1], temperature, top_k, top_p)
 
 
-def compile_fns(compile_decode: bool, compile_prefill: bool):
-    """(prefill, decode), compiled as asked: decode to one CUDA graph, prefill with dynamic shapes."""
-    if compile_decode or compile_prefill:
-        import torch._inductor.config
-        torch._inductor.config.coordinate_descent_tuning = True
-        torch._inductor.config.fx_graph_cache = True
-    decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if compile_decode else None
-    return (torch.compile(prefill, dynamic=True, fullgraph=True) if compile_prefill else prefill,
-            decode or decode_one_token)
+def plain_decoder(model: Transformer, temperature=0.0, top_k=None, top_p=None, compile=False,
+                  compile_prefill_too=False) -> Decoder:
+    """One token per step. State: (the last token [B], its position [B])."""
+    prefill_fn = compile_prefill(prefill) if compile_prefill_too else prefill
+    decode_fn = compile_step(decode_one_token) if compile else decode_one_token
 
+    def first(tokens, input_pos, last):
+        cur = prefill_fn(model, tokens, input_pos, last, temperature, top_k, top_p).clone()
+        return cur[:, None], torch.ones_like(cur), (cur, last + 1)
+
+    def step(state, active):
+        cur, pos = state
+        # Clone: a CUDA-graph replay overwrites its output.
+        cur = decode_fn(model, cur[:, None], pos[:, None], temperature, top_k, top_p).clone()
+        return cur[:, None], torch.ones_like(cur), (cur, pos + active)
+
+    return Decoder(first, step, (model,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decode loop.
 
 def right_padded(prompts: list[list[int]], device) -> tuple[Tensor, Tensor]:
     """(tokens, input_pos) [B, S]: each prompt from position 0, padded on the right. A row's padding lands in its
     cache past its prompt, where the row's own tokens overwrite it before anything attends there."""
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError("empty prompt")
-    tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)
+    if not prompts or min(map(len, prompts)) == 0:
+        raise ValueError("empty prompt: give at least one token")
+    tokens = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
-    return tokens, torch.arange(max(lengths), device=device).expand(len(prompts), -1)
+    return tokens, torch.arange(tokens.shape[1], device=device).expand(len(prompts), -1)
 
 
-def reserve_cache(model: Transformer, batch_size: int, prompt_length: int, extra: int, what: str, fix: str,
-                  name: str = "model"):
-    """Grow the model's caches (never shrink them) to batch_size rows of prompt_length + extra slots; `what` names
-    the extra slots and `fix` the flag to lower, for the error when they exceed the model's context."""
-    length = prompt_length + extra
-    if model.max_seq_length >= length and model.max_batch_size >= batch_size:
-        return
-    if length > model.config.block_size:
-        raise ValueError(f"prompt ({prompt_length} tokens) + {what} exceeds the {name}'s context of "
-                         f"{model.config.block_size}: shorten the prompt or {fix}")
-    model.setup_caches(max(batch_size, model.max_batch_size), max(length, model.max_seq_length))
+def check_context(prompt_length: int, max_new_tokens: int, lookahead: int, capacity: int, what: str):
+    """The one check that a generation fits its cache (`what` names the limit: the model's context, a flag)."""
+    extra = f" + {lookahead} slots a step may write ahead" if lookahead else ""
+    if prompt_length + max_new_tokens + lookahead > capacity:
+        raise ValueError(f"prompt ({prompt_length} tokens) + --max_new_tokens ({max_new_tokens}){extra} exceeds "
+                         f"{what} of {capacity}: shorten the prompt or lower --max_new_tokens")
+
+
+def reserve_cache(decoder: Decoder, batch_size: int, prompt_length: int, max_new_tokens: int):
+    """Grow the caches of the decoder's models (never shrink them) to fit the generation."""
+    length = prompt_length + max_new_tokens + decoder.lookahead
+    for model in decoder.models:
+        name = "the model's context" if model is decoder.models[0] else "the draft model's context"
+        check_context(prompt_length, max_new_tokens, decoder.lookahead, model.config.block_size, name)
+        if model.max_seq_length < length or model.max_batch_size < batch_size:
+            model.setup_caches(max(batch_size, model.max_batch_size), max(length, model.max_seq_length))
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
-             top_p=None, stop_ids=(), prefill_fn=prefill, decode_fn=decode_one_token, on_tokens=None):
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, decoder: Decoder = None,
+             temperature=0.0, top_k=None, top_p=None, stop_ids=(), on_tokens=None):
     """Generate up to max_new_tokens after each prompt, all rows in one batch; rows may differ in length.
 
-    Each row decodes at its own positions, so its output equals generating it alone. A row ends at a stop id
-    (not included). on_tokens(step, tokens[B] list) is called as tokens arrive, for streaming.
+    decoder: how (default: plain decoding with temperature, top_k and top_p). Each row decodes at its own positions,
+    so its output equals generating it alone. A row ends at a stop id (not included). on_tokens(new) is called
+    after the prefill and after every step, new[b] being the tokens row b gained (for streaming).
     Returns (new token lists per row, stats dict).
     """
+    decoder = decoder or plain_decoder(model, temperature, top_k, top_p)
     device = model.tok_embeddings.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
     tokens, input_pos = right_padded(prompts, device)
-    reserve_cache(model, B, max(lengths), max_new_tokens, f"max_new_tokens ({max_new_tokens})", "--max_new_tokens")
-    length = torch.tensor(lengths, device=device)
+    reserve_cache(decoder, B, max(lengths), max_new_tokens)
+    out, done = [[] for _ in range(B)], [False] * B
+
+    def take(emitted, n):  # the one host sync of a step
+        rows = torch.cat([emitted, n[:, None]], 1).tolist()
+        new = keep_tokens(rows, out, done, stop_ids, max_new_tokens)
+        if on_tokens:
+            on_tokens([row[:-1] if row and row[-1] in stop_ids else row for row in new])
+        return rows, new
 
     sync(device)
     t0 = time.perf_counter()
-    cur = prefill_fn(model, tokens, input_pos, length - 1, temperature, top_k, top_p).clone()
-    host = cur.tolist()
-    ttft = time.perf_counter() - t0
-    out, done = [[t] for t in host], [t in stop_ids for t in host]
-    if on_tokens:
-        on_tokens(0, host)
-    pos = length[:, None].clone()  # [B, 1]: where each row's next token goes
-    t1 = time.perf_counter()
-    steps = 0
-    for step in range(1, max_new_tokens):
-        if all(done):
-            break
-        # Clone: a CUDA-graph replay overwrites its output. tolist() is the one host sync of the step.
-        cur = decode_fn(model, cur[:, None], pos, temperature, top_k, top_p).clone()
-        pos = pos + 1
-        host = cur.tolist()
-        steps += 1
-        for i in range(B):
-            if not done[i]:
-                out[i].append(host[i])
-                done[i] = host[i] in stop_ids
-        if on_tokens:
-            on_tokens(step, host)
+    emitted, n, state = decoder.prefill(tokens, input_pos, torch.tensor(lengths, device=device) - 1)
+    take(emitted, n)
+    ttft, t1 = time.perf_counter() - t0, time.perf_counter()
+    steps, decode_tokens, accepted, active_rows = 0, 0, [], None
+    while not all(done):
+        if active_rows != [not d for d in done]:  # a copy to the device syncs too: only when a row ends
+            active_rows = [not d for d in done]
+            active = torch.tensor(active_rows, device=device)
+        emitted, n, state = decoder.step(state, active)
+        rows, new = take(emitted, n)
+        steps, decode_tokens = steps + 1, decode_tokens + sum(map(len, new))
+        accepted += [0] * (len(rows[0]) - 1 - len(accepted))
+        for row, running in zip(rows, active_rows):  # accepted[j]: row-steps that emitted j + 1 tokens
+            accepted[row[-1] - 1] += running
     sync(device)
-    decode_time = time.perf_counter() - t1
-    results = [row[:-1] if row[-1] in stop_ids else row for row in out]
-    stats = dict(ttft=ttft, decode_steps=steps, decode_time=decode_time, batch_size=B,
-                 new_tokens=sum(map(len, results)))
+    results = [row[:-1] if row and row[-1] in stop_ids else row for row in out]
+    stats = dict(ttft=ttft, decode_steps=steps, decode_time=time.perf_counter() - t1, batch_size=B,
+                 new_tokens=sum(map(len, results)), decode_tokens=decode_tokens, accepted=accepted)
     return results, stats
+
+
+def keep_tokens(rows: list, out: list, done: list, stop_ids, max_new_tokens: int) -> list:
+    """Append each running row's valid tokens (rows[b]: a step's tokens, then how many are valid) to out[b], up to
+    a stop id or max_new_tokens, which end the row. Returns what each row gained."""
+    new = [[] for _ in rows]
+    for i, row in enumerate(rows):
+        for t in row[: row[-1]] if not done[i] else ():
+            out[i].append(t)
+            new[i].append(t)
+            if t in stop_ids or len(out[i]) == max_new_tokens:
+                done[i] = True
+                break
+    return new
 
 
 def sync(device):
@@ -266,14 +336,20 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+def acceptance_summary(accepted: list[int]) -> tuple[float, str]:
+    """(mean tokens a step emits, the histogram 'j: share' of steps that accepted j proposals, j = 0..m-1)."""
+    total = sum(accepted)
+    mean = sum((j + 1) * c for j, c in enumerate(accepted)) / max(total, 1)
+    return mean, "  ".join(f"{j}: {c / max(total, 1):.0%}" for j, c in enumerate(accepted))
+
+
 def summary(all_stats: list[dict], model: nn.Module, device) -> str:
     """One aligned block of the figures a user compares."""
     steps = sum(s["decode_steps"] for s in all_stats)
     seconds = sum(s["decode_time"] for s in all_stats)
     batch = all_stats[0]["batch_size"]
     steps_per_s = steps / seconds if seconds > 0 else float("nan")
-    tokens = sum(s.get("decode_tokens", s["decode_steps"] * batch) for s in all_stats)  # speculative: several a step
-    tok_s = tokens / seconds if seconds > 0 else float("nan")
+    tok_s = sum(s["decode_tokens"] for s in all_stats) / seconds if seconds > 0 else float("nan")
     memory, each = peak_memory_gb(device), ""
     if torch.distributed.is_initialized():  # tensor parallel: the weights of one rank, the memory of the fullest
         memory, each = max_over_ranks(memory), f" per {'GPU' if torch.device(device).type == 'cuda' else 'rank'}"
@@ -284,11 +360,11 @@ def summary(all_stats: list[dict], model: nn.Module, device) -> str:
                          f"({weight_bytes(model) / 1e9:.3f} GB)"),
         ("peak memory", f"{memory:.2f} GB{each}"),
     ]
-    if "accepted" in all_stats[0]:  # speculative: accepted[n] counts the row-steps that kept n drafted tokens
-        from speculative import acceptance_summary
-        mean, histogram = acceptance_summary([sum(c) for c in zip(*(s["accepted"] for s in all_stats))])
-        rows += [("tokens per forward", f"{mean:.2f} (mean accepted drafts + 1, per target forward)"),
-                 ("drafts accepted", histogram)]
+    accepted = [sum(c) for c in itertools.zip_longest(*(s["accepted"] for s in all_stats), fillvalue=0)]
+    if len(accepted) > 1:  # speculative or Medusa: a step may emit several tokens
+        mean, histogram = acceptance_summary(accepted)
+        rows += [("tokens per forward", f"{mean:.2f} (accepted proposals + 1, per forward of the model)"),
+                 ("proposals accepted", histogram)]
     return "\n".join(f"{name:>20}: {value}" for name, value in rows)
 
 
@@ -304,90 +380,105 @@ class TextStream:
         self.tokenizer, self.row = tokenizer, row
         self.ids = list(context[-4:])  # the end of the prompt: the first reply token's leading space needs it
         self.start, self.read = 0, len(self.ids)
-        self.stopped = False
 
-    def __call__(self, step, tokens):
-        token = tokens[self.row]
-        if self.stopped or token in self.tokenizer.stop_ids:
-            self.stopped = True
-            return
-        self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.start:self.read])
-        after = self.tokenizer.decode(self.ids[self.start:])
-        if not after.endswith("\ufffd"):  # else wait for the rest of the character
-            print(after[len(before):], end="", flush=True)
-            self.start, self.read = self.read, len(self.ids)
+    def __call__(self, new: list[list[int]]):
+        for token in new[self.row]:
+            self.ids.append(token)
+            before = self.tokenizer.decode(self.ids[self.start:self.read])
+            after = self.tokenizer.decode(self.ids[self.start:])
+            if not after.endswith("\ufffd"):  # else wait for the rest of the character
+                print(after[len(before):], end="", flush=True)
+                self.start, self.read = self.read, len(self.ids)
 
 
 def read_prompts(args, tokenizer) -> list[list[int]]:
-    texts = [args.prompt] if args.prompt_file is None else [
-        line.rstrip("\n").replace("\\n", "\n") for line in open(args.prompt_file) if line.strip()]
+    """--prompt, or the lines of --prompt_file (\\n for a newline), each --batch_size times."""
+    texts = [args.prompt]
+    if args.prompt_file is not None:
+        try:
+            texts = [line.rstrip("\n").replace("\\n", "\n") for line in args.prompt_file.read_text().splitlines()
+                     if line.strip()]
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompt_file {args.prompt_file} is not UTF-8 text") from None
+        except OSError as e:
+            raise ValueError(f"--prompt_file {args.prompt_file}: {e.strerror}") from None
+        if not texts:
+            raise ValueError(f"--prompt_file {args.prompt_file} holds no prompt: one prompt per line")
     return [tokenizer.encode(t, bos=True) for t in texts for _ in range(args.batch_size)]
 
 
-def chat(model, tokenizer, args, prefill_fn, decode_fn, generate_fn=generate):
+def chat(model, tokenizer, decoder: Decoder, args):
     """A chat loop with the model's template and the conversation's history. /reset forgets it, /exit ends."""
+    length = args.max_seq_length or min(model.config.block_size, 4096)
+    check_context(1, args.max_new_tokens, decoder.lookahead, length, "the chat's cache (--max_seq_length)")
+    for m in decoder.models:
+        m.setup_caches(1, min(length, m.config.block_size))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chat: /reset forgets the conversation, /exit (or Ctrl-D) ends it, /precision N switches the width of an "
           "any-precision model.")
     while True:
         try:
-            text = (input_from_rank0 if torch.distributed.is_initialized() else input)("\nuser> ")
+            text = (input_from_rank0 if torch.distributed.is_initialized() else input)("\nuser> ").strip()
         except EOFError:
             return
-        if text.strip() == "/exit":
+        if text == "/exit":
             return
-        if text.strip() == "/reset":
+        if text == "/reset":
             messages = messages[:1] if args.system else []
-            continue
-        if text.strip().startswith("/precision"):  # an any-precision model switches width between turns
-            from anyprec import set_precision
-            try:
-                set_precision(model, int(text.split()[1]))
-                print(f"[now at {text.split()[1]} bits]")
-            except (ValueError, IndexError) as e:
-                print(f"[{e if 'precision' in str(e) else 'usage: /precision N'}]")
-            continue
-        messages.append({"role": "user", "content": text})
-        ids = tokenizer.chat_prompt(messages)
-        if len(ids) + args.max_new_tokens > model.max_seq_length:
-            print(f"[the conversation ({len(ids)} tokens) no longer fits the cache of {model.max_seq_length}: /reset]")
-            messages.pop()
-            continue
-        stream = TextStream(tokenizer, ids)
-        print("assistant> ", end="", flush=True)
-        (reply,), _ = generate_fn(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, stop_ids=tokenizer.stop_ids, prefill_fn=prefill_fn,
-                               decode_fn=decode_fn, on_tokens=stream)
-        messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
-        print()
+        elif text.startswith("/precision"):  # an any-precision model switches width between turns
+            switch_precision(model, text)
+        else:
+            messages = chat_turn(model, tokenizer, decoder, args, messages + [{"role": "user", "content": text}])
+
+
+def switch_precision(model, command: str):
+    try:
+        anyprec.set_precision(model, int(command.split()[1]))
+        print(f"[now at {command.split()[1]} bits]")
+    except (ValueError, IndexError) as e:
+        print(f"[{e if 'precision' in str(e) else 'usage: /precision N'}]")
+
+
+def chat_turn(model, tokenizer, decoder: Decoder, args, messages: list) -> list:
+    """The assistant's reply to the conversation, streamed; returns the conversation with it (or without the last
+    message, when the conversation no longer fits the cache)."""
+    ids = tokenizer.chat_prompt(messages)
+    if len(ids) + args.max_new_tokens + decoder.lookahead > model.max_seq_length:
+        print(f"[the conversation ({len(ids)} tokens) no longer fits the cache of {model.max_seq_length}: /reset]")
+        return messages[:-1]
+    print("assistant> ", end="", flush=True)
+    (reply,), _ = generate(model, [ids], args.max_new_tokens, decoder=decoder, stop_ids=tokenizer.stop_ids,
+                           on_tokens=TextStream(tokenizer, ids))
+    print()
+    return messages + [{"role": "assistant", "content": tokenizer.decode(reply)}]
 
 
 def parse_args(argv=None):
+    count = cli.at_least(1)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--prompt", default="def fibonacci(n):")
     p.add_argument("--prompt_file", type=Path, help="one prompt per line (\\n for newlines), decoded as one batch")
     p.add_argument("--interactive", action="store_true", help="chat with the model's template")
     p.add_argument("--system", default=None, help="system message for --interactive")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--batch_size", type=int, default=1, help="samples of each prompt decoded together")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: what the run needs; "
-                   "for --interactive the model's context up to 4096)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_samples", type=count, default=1)
+    p.add_argument("--batch_size", type=count, default=1, help="samples of each prompt decoded together")
+    p.add_argument("--max_new_tokens", type=count, default=200)
+    p.add_argument("--max_seq_length", type=count, default=None, help="KV cache length (default: what the run "
+                   "needs; for --interactive the model's context up to 4096)")
+    p.add_argument("--temperature", type=cli.at_least(0.0, float), default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", type=count, default=200)
+    p.add_argument("--top_p", type=cli.probability, default=None, help="in (0, 1]")
     p.add_argument("--compile", action="store_true", help="compile decode into a CUDA graph")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill with dynamic shapes")
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", type=cli.device, default=default_device())
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--precision", type=int, default=None, help="bits per weight of an any-precision model "
                    "(anyprec.py); default its widest")
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="speculative decoding with this draft")
-    p.add_argument("--speculate_k", type=int, default=5, help="tokens the draft proposes per target forward")
+    p.add_argument("--speculate_k", type=count, default=5, help="tokens the draft proposes per target forward")
     p.add_argument("--draft_precision", type=int, default=None, help="self-speculation: an any-precision model "
                    "drafts with its own weights at this many bits")
     p.add_argument("--medusa_heads", type=Path, default=None, help="Medusa decoding with these heads (medusa.py train)")
@@ -395,83 +486,97 @@ def parse_args(argv=None):
                    "(default: the tree calibrated with the heads)")
     p.add_argument("--medusa_typical", action="store_true", help="Medusa's typical acceptance instead of exact "
                    "sampling at temperature > 0 (faster, not the model's distribution)")
-    return p.parse_args(argv)
+    p.add_argument("--timeout", type=cli.at_least(1.0, float), default=600, help="under torchrun: seconds a rank "
+                   "waits for the others before the job ends with an error (longer than a first compile)")
+    args = p.parse_args(argv)
+    if args.medusa_heads and (args.draft_checkpoint_path or args.draft_precision):
+        p.error("--medusa_heads and a draft (--draft_checkpoint_path, --draft_precision) are two ways to decode: "
+                "pick one")
+    return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank = maybe_init_dist(args.device)  # under torchrun: tensor parallelism, one shard of every layer per rank
-    log = sys.stderr  # progress notes; the text goes to stdout
-    if rank is not None:
-        seed_all_ranks(args.seed)  # every rank holds the same logits: the same seed draws the same tokens
-        if rank > 0:  # output on rank 0 only (errors still reach stderr)
-            sys.stdout = log = open(os.devnull, "w")
-    elif args.seed is not None:
-        torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+def dtype_of(args) -> torch.dtype:
+    return getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+
+
+def start_ranks(args):
+    """Under torchrun, join the job (tensor parallelism: one shard of every layer per rank) and seed every rank alike,
+    so that from the same logits they draw the same tokens. Returns (rank or None, where progress notes go)."""
+    rank = maybe_init_dist(args.device, args.timeout)
+    if rank is None:
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        return None, sys.stderr
+    seed_all_ranks(args.seed)
+    if rank > 0:  # output on rank 0 only (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    return rank, sys.stdout if rank > 0 else sys.stderr
+
+
+def load_for_generation(args, rank, log):
+    """The model (at --precision, sharded under torchrun) and its tokenizer, checked against each other."""
     t0 = time.perf_counter()
     # An any-precision file at one width loads only that width's planes; --interactive keeps all for /precision.
     widths = None if args.precision is None or args.interactive else {args.precision, args.draft_precision} - {None}
-    model = load_model(args.checkpoint_path, args.device, dtype, tp=rank is not None, precisions=widths)
+    model = load_model(args.checkpoint_path, args.device, dtype_of(args), tp=rank is not None, precisions=widths)
     if args.precision is not None:
-        from anyprec import set_precision
-        set_precision(model, args.precision)
+        anyprec.set_precision(model, args.precision)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}: "
                          f"the tokenizer beside {args.checkpoint_path} belongs to another model")
     sync(args.device)
     print(f"loaded {args.checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=log)
-    generate_fn, compile_decoding = generate, compile_fns
-    if args.medusa_heads:  # the heads propose a tree of continuations, the model verifies it in one forward
-        import medusa
-        if args.draft_checkpoint_path or args.draft_precision:
-            raise ValueError("--medusa_heads and a draft (--draft_checkpoint_path, --draft_precision) are two ways to "
-                             "decode: pick one")
-        generate_fn = functools.partial(medusa.generate, typical=(0.09, 0.3) if args.medusa_typical else None,
-                                        **medusa.load(args.medusa_heads, model, args.medusa_tree))
-        compile_decoding = medusa.compile_fns
-    if args.draft_checkpoint_path or args.draft_precision:  # the draft proposes, the model verifies in one forward
-        import speculative
-        draft = speculative.load_draft(model, args.draft_checkpoint_path, args.draft_precision, args.device, dtype)
-        generate_fn = functools.partial(speculative.generate, draft=draft, speculate_k=args.speculate_k)
-        compile_decoding = speculative.compile_fns
-    prefill_fn, decode_fn = compile_decoding(args.compile, args.compile_prefill)
-    if args.interactive:
-        model.setup_caches(1, args.max_seq_length or min(model.config.block_size, 4096))
-        return chat(model, tokenizer, args, prefill_fn, decode_fn, generate_fn)
+    return model, tokenizer
 
+
+def run_prompts(model, tokenizer, decoder: Decoder, args, log):
+    """Generate for the prompts --num_samples times (after a first, uncounted run when compiling), print, sum up."""
     prompts = read_prompts(args, tokenizer)
-    need = max(map(len, prompts)) + args.max_new_tokens
-    limit = args.max_seq_length or model.config.block_size
-    if need > limit:
-        where = "--max_seq_length" if args.max_seq_length else "the model's context"
-        raise ValueError(f"prompt ({max(map(len, prompts))} tokens) + --max_new_tokens ({args.max_new_tokens}) "
-                         f"exceeds {where} of {limit}: shorten the prompt or lower --max_new_tokens")
-    model.setup_caches(len(prompts), args.max_seq_length or need)
-    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids,
-                  prefill_fn=prefill_fn, decode_fn=decode_fn)
-    if args.compile or args.compile_prefill:  # the first run compiles; it is not counted
+    if args.max_seq_length:  # a cache of the size asked for, so that compiled graphs serve later runs too
+        check_context(max(map(len, prompts)), args.max_new_tokens, decoder.lookahead, args.max_seq_length,
+                      "--max_seq_length")
+        for m in decoder.models:
+            m.setup_caches(len(prompts), args.max_seq_length)
+    kwargs = dict(decoder=decoder, stop_ids=tokenizer.stop_ids)
+    if args.compile or args.compile_prefill:
         t = time.perf_counter()
-        generate_fn(model, prompts, args.max_new_tokens, **kwargs)
+        generate(model, prompts, args.max_new_tokens, **kwargs)
         print(f"compiled in {time.perf_counter() - t:.1f} s", file=log)
     all_stats = []
     for _ in range(args.num_samples):
         stream = TextStream(tokenizer, prompts[0]) if len(prompts) == 1 else None
         if stream:
             print(tokenizer.decode(prompts[0]), end="", flush=True)
-        results, stats = generate_fn(model, prompts, args.max_new_tokens, on_tokens=stream, **kwargs)
-        if stream:
-            print()
-        else:
-            for i, (prompt, reply) in enumerate(zip(prompts, results)):
-                print(f"--- [{i}]\n{tokenizer.decode(prompt + reply)}")
+        results, stats = generate(model, prompts, args.max_new_tokens, on_tokens=stream, **kwargs)
+        print() if stream else print("".join(f"--- [{i}]\n{tokenizer.decode(p + r)}\n"
+                                             for i, (p, r) in enumerate(zip(prompts, results))), end="")
         all_stats.append(stats)
     print(summary(all_stats, model, args.device))
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    rank, log = start_ranks(args)
+    with stalls_end_the_job(args.timeout):
+        model, tokenizer = load_for_generation(args, rank, log)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, compile=args.compile,
+                        compile_prefill_too=args.compile_prefill)
+        if args.medusa_heads:  # the heads propose a tree of continuations, the model verifies it in one forward
+            import medusa
+            heads, tree = medusa.load(args.medusa_heads, model, args.medusa_tree)
+            decoder = medusa.decoder(model, heads, tree, typical=args.medusa_typical, **sampling)
+        elif args.draft_checkpoint_path or args.draft_precision:  # a draft proposes, the model verifies them at once
+            import speculative
+            draft = speculative.load_draft(model, args.draft_checkpoint_path, args.draft_precision, args.device,
+                                           dtype_of(args))
+            decoder = speculative.decoder(model, draft, args.speculate_k, **sampling)
+        else:
+            decoder = plain_decoder(model, **sampling)
+        if args.interactive:
+            return chat(model, tokenizer, decoder, args)
+        run_prompts(model, tokenizer, decoder, args, log)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

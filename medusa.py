@@ -10,26 +10,38 @@ Head k (k = 1..K) reads the base model's final-norm hidden state at position t a
 residual SiLU block and the base model's own frozen output head (Medusa-1: the base is untouched). Acceptance:
 temperature 0 is greedy (output identical to plain greedy decoding); temperature > 0 samples each node's next
 token from the base model and accepts a child only if it is that sample, so every emitted token is a true draw
-from the base model; `typical=(eps, delta)` is the paper's typical acceptance (faster, not distribution-preserving).
+from the base model; `typical` is the paper's typical acceptance (faster, not distribution-preserving).
+
+Needs model.py, tokenizer.py, eval.py (the corpus it trains on), cli.py and generate.py, whose loop runs the
+`decoder` made here.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
-from generate import (DEFAULT_CHECKPOINT, default_device, load_model, logits_to_probs, reserve_cache, right_padded,
-                      sample, sample_from, sync)
-from generate import generate as plain_generate
+import cli
+from eval import calibration_windows
+from generate import (DEFAULT_CHECKPOINT, Decoder, compile_prefill, compile_step, default_device, generate, load_model,
+                      logits_to_probs, sample, sample_from)
+from model import atomic_write, load_state
+from tokenizer import load_tokenizer
+
+# The paper's typical acceptance (its posterior_threshold epsilon and posterior_alpha delta): a node is accepted when
+# its parent gives it more than min(epsilon, delta * exp(-entropy)).
+TYPICAL = (0.09, 0.3)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Trees. A choice is a path of per-depth ranks: [0, 1] is head 1's top token followed by head 2's second.
@@ -57,7 +69,7 @@ class Tree:
 
 
 def build_tree(choices, num_heads: int, device=None) -> Tree:
-    paths = [tuple(c) if isinstance(c, (list, tuple)) else c for c in choices]
+    paths = [tuple(c) if isinstance(c, (list, tuple)) else c for c in choices] if isinstance(choices, list) else []
     if not paths or not all(isinstance(p, tuple) and p and all(type(r) is int and r >= 0 for r in p) for p in paths):
         raise ValueError("--medusa_tree: every choice must be a non-empty list of ranks >= 0, e.g. [[0], [1], [0, 0]]")
     twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
@@ -149,19 +161,24 @@ class MedusaHeads(nn.Module):
 
 
 def save_heads(heads: MedusaHeads, path: Path, config: dict):
-    """safetensors (bf16) and a JSON config beside it, each written to a temporary name and renamed."""
-    from safetensors.torch import save_file
+    """safetensors (bf16), then the JSON config beside it, each written whole under a temporary name and renamed."""
     state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in heads.state_dict().items()}
-    save_file(state, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+    with atomic_write(path) as f:
+        f.write(safetensors.torch.save(state))
     write_config(path, config)
 
 
 def write_config(heads_path: Path, config: dict):
-    json_path = Path(heads_path).with_suffix(".json")
+    """The JSON beside the heads, holding the hash of the heads it was written for: a crash between writing the
+    heads and their JSON leaves a pair that load_heads refuses, never one it mixes."""
+    config = dict(config, heads_sha256=file_sha256(heads_path))
     text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in config.items()) + "\n}\n"
-    json_path.with_suffix(".json.tmp").write_text(text)
-    os.replace(json_path.with_suffix(".json.tmp"), json_path)
+    with atomic_write(Path(heads_path).with_suffix(".json")) as f:
+        f.write(text.encode())
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_heads(path, model) -> tuple[MedusaHeads, dict]:
@@ -171,29 +188,53 @@ def load_heads(path, model) -> tuple[MedusaHeads, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"Medusa heads {path} not found: train them with "
                                 f"python medusa.py train --checkpoint_path <model.pth>")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    state = {reference_name(k): v for k, v in state.items()}
-    heads_found = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
-    if not heads_found or heads_found != set(range(len(heads_found))):
+    heads = heads_for(path, read_heads(path), model)
+    config_path = path.with_suffix(".json")
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # not JSON, not UTF-8, or not an object
+        raise ValueError(f"{config_path} is damaged ({e}): run python medusa.py calibrate to write it again") from None
+    if config.get("heads_sha256", file_sha256(path)) != file_sha256(path):
+        raise ValueError(f"{config_path} was written for other heads than {path.name} (an interrupted training?): "
+                         f"run python medusa.py calibrate to fit their tree again")
+    # The embedding's dtype is the model's: a quantized output head holds integers.
+    return heads.to(model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype).eval(), config
+
+
+def read_heads(path: Path) -> dict:
+    """The tensors of a heads file under our names: safetensors, or the reference project's .pt."""
+    try:
+        state = safetensors.torch.load_file(path) if path.suffix == ".safetensors" else load_state(path)
+    except Exception as e:  # safetensors' errors share no base class but Exception
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file ({str(e)[:120]}): train the heads again") from None
+    return {reference_name(k): v for k, v in state.items()}
+
+
+def heads_for(path: Path, state: dict, model) -> MedusaHeads:
+    """MedusaHeads of the shape `state` describes, loaded, after checking that they fit `model`."""
+    heads_found = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if not heads_found or heads_found != set(range(len(heads_found))) or "blocks.0.0.linear.weight" not in state:
         raise ValueError(f"{path} holds no Medusa heads (expected blocks.K.L.linear.* or the reference's K.L.linear.*)")
     num_layers = len({k.split(".")[2] for k in state if k.startswith("blocks.0.")})
     dim, vocab = state["blocks.0.0.linear.weight"].shape[1], model.config.vocab_size
-    if dim != model.config.dim or ("proj.0.weight" in state and state["proj.0.weight"].shape[0] != vocab):
-        raise ValueError(f"{path} was trained for another model (width {dim}, this model's is {model.config.dim} "
-                         f"with vocab {vocab}): use heads trained on this checkpoint")
+    if dim != model.config.dim:
+        raise ValueError(f"{path} was trained for another model (width {dim}, this model's is {model.config.dim}): "
+                         f"use heads trained on this checkpoint")
+    if "proj.0.weight" in state and state["proj.0.weight"].shape[0] != vocab:
+        raise ValueError(f"{path} was trained for another model (a vocabulary of {state['proj.0.weight'].shape[0]}, "
+                         f"this model's is {vocab}): use heads trained on this checkpoint")
     heads = MedusaHeads(dim, len(heads_found), num_layers, vocab if "proj.0.weight" in state else None)
     try:
         heads.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path} has malformed Medusa heads: {str(e).splitlines()[0]}") from None
-    weight = model.output.weight
-    config_path = path.with_suffix(".json")
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return heads.to(weight.device, weight.dtype).eval(), config
+    if not all(torch.isfinite(p).all() for p in heads.parameters()):
+        raise ValueError(f"{path} is damaged: its heads hold NaN or infinite values")
+    return heads
 
 
 def reference_name(name: str) -> str:
@@ -214,15 +255,18 @@ def load_tree(spec, config: dict, num_heads: int, device=None) -> Tree:
     elif spec == "mc_sim_7b_63":
         choices = MC_SIM_7B_63
     elif Path(spec).is_file():
-        choices = json.loads(Path(spec).read_text())
-        choices = choices["medusa_choices"] if isinstance(choices, dict) else choices
+        try:
+            choices = json.loads(Path(spec).read_text())
+        except ValueError as e:
+            raise ValueError(f"--medusa_tree {spec} is not valid JSON ({e})") from None
+        choices = choices.get("medusa_choices") if isinstance(choices, dict) else choices
     else:
         raise FileNotFoundError(f"--medusa_tree {spec}: neither mc_sim_7b_63 nor a JSON file of medusa_choices")
     return build_tree(choices, num_heads, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tree decoding: prefill, then steps of propose -> verify -> choose -> commit, on static shapes.
+# Tree decoding: prefill, then steps of propose -> one forward over the tree -> choose -> commit, on static shapes.
 
 def candidate_pool(tree: Tree, root: Tensor, head_logits: Tensor) -> Tensor:
     """root [B], head_logits [B, K, V] -> [B, 1 + D*R]: the root, then each head's top R tokens."""
@@ -242,7 +286,7 @@ def tree_mask(tree: Tree, L: Tensor, n_keys: int, sliding_window=None) -> Tensor
     return mask[:, None]
 
 
-def verify(model, tree: Tree, tokens: Tensor, L: Tensor) -> Tensor:
+def tree_hidden(model, tree: Tree, tokens: Tensor, L: Tensor) -> Tensor:
     """One base forward over the tree: tokens [B, T] at positions L + depth, written to slots L..L+T-1."""
     T = tokens.shape[1]
     mask = tree_mask(tree, L, model.max_seq_length, model.config.sliding_window)
@@ -280,16 +324,12 @@ def choose(tree: Tree, tokens: Tensor, logits: Tensor, temperature: float, top_k
 
 
 def commit(model, tree: Tree, last: Tensor, L: Tensor):
-    """Move the accepted path's KV entries from slots L + node to L + depth, in place, D+1 slots wide always
-    (slots past the path get copies that are masked, then overwritten). Gathered before written, so it is safe
-    although a path node's slot can be another's destination."""
+    """Move the accepted path's KV entries from slots L + node to L + depth, D+1 slots wide always (slots past the
+    path get copies that are masked, then overwritten)."""
     path = tree.anc[last]  # [B, D+1]
-    rows = torch.arange(L.shape[0], device=L.device)[:, None]
     dst, src = L[:, None] + torch.arange(path.shape[1], device=L.device), L[:, None] + path
     for layer in model.layers:
-        cache = layer.attention.kv_cache
-        for buffer in (cache.k_cache, cache.v_cache):
-            buffer[rows, :, dst] = buffer[rows, :, src]  # indexed view [B, D+1, H_kv, head_dim]
+        layer.attention.kv_cache.move(src, dst)
     return path
 
 
@@ -309,7 +349,7 @@ def medusa_step(model, heads, tree: Tree, pool, L, active, temperature: float, t
     # row ever writes beyond prompt + max_new_tokens + T (what generate allocates).
     L = torch.where(active, L, 0)
     tokens = pool[:, tree.src]  # [B, T]
-    hidden = verify(model, tree, tokens, L)
+    hidden = tree_hidden(model, tree, tokens, L)
     last, after = choose(tree, tokens, model.output(hidden), temperature, top_k, top_p, typical)
     path = commit(model, tree, last, L)
     n = tree.depth[last]  # [B] accepted candidates
@@ -320,81 +360,37 @@ def medusa_step(model, heads, tree: Tree, pool, L, active, temperature: float, t
     return candidate_pool(tree, after, head_logits), next_L, torch.cat([emitted, (n + 1)[:, None]], dim=1)
 
 
-def compile_fns(compile_step: bool, compile_prefill: bool):
-    """(prefill, step) as in generate.compile_fns: the step to one CUDA graph, the prefill with dynamic shapes."""
-    if compile_step or compile_prefill:
-        import torch._inductor.config
-        torch._inductor.config.coordinate_descent_tuning = True
-        torch._inductor.config.fx_graph_cache = True
-    return (torch.compile(medusa_prefill, dynamic=True, fullgraph=True) if compile_prefill else medusa_prefill,
-            torch.compile(medusa_step, mode="reduce-overhead", fullgraph=True) if compile_step else medusa_step)
-
-
-@torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, *, heads: MedusaHeads, tree: Tree, temperature=0.0,
-             top_k=None, top_p=None, typical=None, stop_ids=(), prefill_fn=medusa_prefill, decode_fn=medusa_step,
-             on_tokens=None):
-    """generate.generate with Medusa heads: the same arguments and results, and the same output at temperature 0.
-
-    A step emits a different number of tokens per row: on_tokens(step, tokens[B]) is called once per emitted
-    position, with None for rows that emitted fewer. stats adds decode_tokens and accepted (accepted[n]: the
-    row-steps that accepted n candidates, so emitted n + 1 tokens), as speculative.generate does."""
-    device = model.tok_embeddings.weight.device
-    B, lengths = len(prompts), [len(p) for p in prompts]
-    tokens, input_pos = right_padded(prompts, device)
+def decoder(model, heads: MedusaHeads, tree: Tree, temperature=0.0, top_k=None, top_p=None, typical=False,
+            compile=False, compile_prefill_too=False) -> Decoder:
+    """Medusa decoding for generate.generate: each step runs the model once over the tree and emits 1 to D + 1
+    tokens, the model's own at temperature 0 (and exact draws from it above, unless `typical`: the paper's typical
+    acceptance, faster but not the model's distribution). State: the candidate pool and each row's cache length.
+    With compile, the step (tree, acceptance and cache compaction included) is one CUDA graph."""
     if tree.top > model.config.vocab_size:
         raise ValueError(f"--medusa_tree ranks up to {tree.top - 1}, beyond the vocabulary ({model.config.vocab_size})")
-    T = len(tree.choices) + 1  # a running row's last step writes a whole tree
-    reserve_cache(model, B, max(lengths), max_new_tokens + T, f"max_new_tokens ({max_new_tokens}) + the Medusa tree "
-                  f"({T})", "--max_new_tokens")
-    if tree.parent.device != device:
-        tree = build_tree(tree.choices, tree.num_heads, device)
-    L = torch.tensor(lengths, device=device)
-    sampling = (temperature, top_k, top_p, typical)
+    device = model.tok_embeddings.weight.device
+    tree = build_tree(tree.choices, tree.num_heads, device) if tree.parent.device != device else tree
+    prefill_fn = compile_prefill(medusa_prefill) if compile_prefill_too else medusa_prefill
+    step_fn = compile_step(medusa_step) if compile else medusa_step
+    sampling = (temperature, top_k, top_p, TYPICAL if typical else None)
 
-    sync(device)
-    t0 = time.perf_counter()
-    pool = prefill_fn(model, heads, tree, tokens, input_pos, L - 1, *sampling).clone()
-    host = pool[:, 0].tolist()
-    ttft = time.perf_counter() - t0
-    out, done = [[t] for t in host], [t in stop_ids or max_new_tokens <= 1 for t in host]
-    if on_tokens:
-        on_tokens(0, host)
-    accepted = [0] * (tree.num_heads + 1)
-    t1, steps, active_rows = time.perf_counter(), 0, None
-    while not all(done):
-        if active_rows != [not d for d in done]:  # a host-to-device copy syncs too: only when a row ends
-            active_rows = [not d for d in done]
-            active = torch.tensor(active_rows, device=device)
-        pool, L, packed = decode_fn(model, heads, tree, pool, L, active, *sampling)
-        pool, L = pool.clone(), L.clone()  # a CUDA-graph replay overwrites its outputs
-        rows = packed.tolist()  # the one host sync of the step
-        steps += 1
-        new = [[] for _ in range(B)]
-        for i, row in enumerate(rows):
-            if done[i]:
-                continue
-            accepted[row[-1] - 1] += 1
-            for t in row[: row[-1]]:
-                out[i].append(t)
-                new[i].append(t)
-                if t in stop_ids or len(out[i]) >= max_new_tokens:
-                    done[i] = True
-                    break
-        for j in range(max(map(len, new)) if on_tokens else 0):
-            on_tokens(steps, [r[j] if j < len(r) else None for r in new])
-    sync(device)
-    decode_time = time.perf_counter() - t1
-    results = [row[:-1] if row[-1] in stop_ids else row for row in out]
-    stats = dict(ttft=ttft, decode_steps=steps, decode_time=decode_time, batch_size=B,
-                 new_tokens=sum(map(len, results)), decode_tokens=sum(map(len, results)) - B, accepted=accepted)
-    return results, stats
+    def first(tokens, input_pos, last):
+        pool = prefill_fn(model, heads, tree, tokens, input_pos, last, *sampling).clone()
+        return pool[:, :1], torch.ones_like(last), (pool, last + 1)
+
+    def step(state, active):
+        pool, L, packed = step_fn(model, heads, tree, *state, active, *sampling)
+        # Clones: a CUDA-graph replay overwrites its outputs.
+        return packed[:, :-1].clone(), packed[:, -1].clone(), (pool.clone(), L.clone())
+
+    # A running row's last step writes a whole tree past its cache length.
+    return Decoder(first, step, (model,), lookahead=len(tree.choices) + 1)
 
 
-def load(heads_path, model, tree=None) -> dict:
-    """Keyword arguments of `generate` for the heads at heads_path and a --medusa_tree spec."""
+def load(heads_path, model, tree=None) -> tuple[MedusaHeads, Tree]:
+    """The heads at heads_path and the tree a --medusa_tree spec names (None: the one stored with the heads)."""
     heads, config = load_heads(heads_path, model)
-    return dict(heads=heads, tree=load_tree(tree, config, len(heads.blocks), model.output.weight.device))
+    return heads, load_tree(tree, config, len(heads.blocks), model.tok_embeddings.weight.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,18 +402,8 @@ DISTILL_PROMPT = 32  # tokens of real text before a self-distilled continuation
 def self_distill(base, windows: Tensor, temperature: float) -> Tensor:
     """The base model's own continuation of each window's first DISTILL_PROMPT tokens, as long as the window."""
     prompts = windows[:, :DISTILL_PROMPT].tolist()
-    new, _ = plain_generate(base, prompts, windows.shape[1] - DISTILL_PROMPT, temperature=temperature)
+    new, _ = generate(base, prompts, windows.shape[1] - DISTILL_PROMPT, temperature=temperature)
     return torch.tensor([p + n for p, n in zip(prompts, new)])
-
-
-def stdlib_windows(tokenizer, split: str, samples: int, seq_len: int, seed: int) -> Tensor:
-    """[samples, seq_len] token windows at random offsets of the stdlib's `split` ('train' or 'heldout')."""
-    from eval import calibration_windows, encode_documents, stdlib_texts
-    if split == "train":
-        return calibration_windows(tokenizer, samples, seq_len, seed=seed)
-    stream = encode_documents(tokenizer, stdlib_texts(split))
-    starts = torch.randint(0, len(stream) - seq_len, (samples,), generator=torch.Generator().manual_seed(seed))
-    return torch.stack([stream[s: s + seq_len] for s in starts.tolist()])
 
 
 def training_batches(base, windows: Tensor, data: str, batch_size: int, temperature: float):
@@ -430,7 +416,6 @@ def training_batches(base, windows: Tensor, data: str, batch_size: int, temperat
 def train_heads(base, heads: MedusaHeads, batches, steps: int, lr: float, decay: float = 0.8, progress=True):
     """Minimise sum_k decay^k * CE(head_k(h_t), x_{t+k+1}) with the base frozen; returns the per-head loss, top-1
     and top-5 accuracy, averaged (exponentially) over the last steps."""
-    from tqdm import tqdm
     device = base.output.weight.device
     autocast = torch.autocast(device.type, dtype=base.output.weight.dtype,
                               enabled=base.output.weight.dtype != torch.float32)
@@ -487,8 +472,8 @@ def expected_length(accuracy: list[list[float]], choices) -> float:
     return 1 + sum(math.prod(accuracy[d][r] if r < len(accuracy[d]) else 0 for d, r in enumerate(c)) for c in choices)
 
 
-def main(argv=None):
-    from tokenizer import load_tokenizer
+def parse_args(argv=None):
+    count = cli.at_least(1)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     train_p = commands.add_parser("train", help="train heads on the base model's own text, then fit their tree")
@@ -496,71 +481,100 @@ def main(argv=None):
     for q in (train_p, calibrate_p):
         q.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
         q.add_argument("--medusa_heads", type=Path, default=None, help="default: medusa_heads.safetensors beside it")
-        q.add_argument("--nodes", type=int, default=63, help="tree size (without the root)")
-        q.add_argument("--calibration_samples", type=int, default=64)
-        q.add_argument("--seq_len", type=int, default=256)
-        q.add_argument("--device", default=default_device())
+        q.add_argument("--nodes", type=count, default=63, help="tree size (without the root)")
+        q.add_argument("--calibration_samples", type=count, default=64)
+        q.add_argument("--seq_len", type=cli.at_least(DISTILL_PROMPT + 16), default=256)
+        q.add_argument("--device", type=cli.device, default=default_device())
         q.add_argument("--seed", type=int, default=0)
-    train_p.add_argument("--num_heads", type=int, default=4)
-    train_p.add_argument("--num_layers", type=int, default=1, help="ResBlocks per head")
-    train_p.add_argument("--steps", type=int, default=400)
-    train_p.add_argument("--batch_size", type=int, default=16)
-    train_p.add_argument("--lr", type=float, default=1e-3)
-    train_p.add_argument("--decay", type=float, default=0.8, help="head k's loss weight is decay^k")
+    train_p.add_argument("--num_heads", type=count, default=4)
+    train_p.add_argument("--num_layers", type=count, default=1, help="ResBlocks per head")
+    train_p.add_argument("--steps", type=count, default=400)
+    train_p.add_argument("--batch_size", type=count, default=16)
+    train_p.add_argument("--lr", type=cli.positive, default=1e-3)
+    train_p.add_argument("--decay", type=cli.positive, default=0.8, help="head k's loss weight is decay^k")
     train_p.add_argument("--data", choices=["mix", "stdlib", "selfdistill"], default="mix")
-    train_p.add_argument("--distill_temperature", type=float, default=0.0)
+    train_p.add_argument("--distill_temperature", type=cli.at_least(0.0, float), default=0.0)
     train_p.set_defaults(split="train")
     calibrate_p.add_argument("--split", choices=["train", "heldout"], default="train",
                              help="train: fit the tree and save it with the heads; heldout: only report")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def prepare(args, windows_before: int = 0):
+    """The frozen base model, where the heads live, and windows of its corpus: windows_before for training, then
+    --calibration_samples for the tree."""
     torch.manual_seed(args.seed)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     base = load_model(args.checkpoint_path, args.device, dtype).requires_grad_(False)
-    tokenizer = load_tokenizer(args.checkpoint_path.parent)
     heads_path = args.medusa_heads or args.checkpoint_path.parent / "medusa_heads.safetensors"
-    if not DISTILL_PROMPT + 16 <= args.seq_len <= base.config.block_size:
-        raise ValueError(f"--seq_len {args.seq_len} must lie in [{DISTILL_PROMPT + 16}, {base.config.block_size}]")
+    if not os.access(heads_path.parent, os.W_OK):  # before the work, not after it
+        raise ValueError(f"cannot write to {heads_path.parent}: choose another --medusa_heads path")
+    if args.seq_len > base.config.block_size:
+        raise ValueError(f"--seq_len {args.seq_len} exceeds the model's context of {base.config.block_size}")
+    windows = calibration_windows(load_tokenizer(args.checkpoint_path.parent), windows_before + args.calibration_samples,
+                                  args.seq_len, seed=args.seed, split=args.split)
+    return base, heads_path, windows
+
+
+def train(args):
+    """`medusa.py train`: heads on the frozen model, then their tree, saved beside the model."""
     t0 = time.perf_counter()
-    train_windows = args.steps * args.batch_size if args.command == "train" else 0
-    windows = stdlib_windows(tokenizer, args.split, train_windows + args.calibration_samples, args.seq_len, args.seed)
-    if args.command == "train":
-        heads = MedusaHeads(base.config.dim, args.num_heads, args.num_layers).to(args.device)
-        base.setup_caches(args.batch_size, args.seq_len)
-        batches = training_batches(base, windows[:train_windows], args.data, args.batch_size, args.distill_temperature)
-        final = train_heads(base, heads, batches, args.steps, args.lr, args.decay)
-        config = dict(num_heads=args.num_heads, num_layers=args.num_layers, dim=base.config.dim,
-                      vocab_size=base.config.vocab_size, base=str(args.checkpoint_path),
-                      training=dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                                    decay=args.decay, data=args.data, distill_temperature=args.distill_temperature,
-                                    final_loss=[round(v, 4) for v in final["loss"]]))
-        heads.to(dtype)
-    else:
-        heads, config = load_heads(heads_path, base)
-    # Accuracies on the base model's greedy continuations of windows the heads were not trained on.
-    base.setup_caches(args.calibration_samples, args.seq_len)
-    accuracy = rank_accuracy(base, heads, self_distill(base, windows[train_windows:], 0.0))
-    if args.split == "train":  # the tree is fitted on the train split only; the held-out split is for reporting
+    train_windows = args.steps * args.batch_size
+    base, heads_path, windows = prepare(args, train_windows)
+    heads = MedusaHeads(base.config.dim, args.num_heads, args.num_layers).to(args.device)
+    base.setup_caches(args.batch_size, args.seq_len)
+    batches = training_batches(base, windows[:train_windows], args.data, args.batch_size, args.distill_temperature)
+    final = train_heads(base, heads, batches, args.steps, args.lr, args.decay)
+    config = dict(num_heads=args.num_heads, num_layers=args.num_layers, dim=base.config.dim,
+                  vocab_size=base.config.vocab_size, base=str(args.checkpoint_path),
+                  training=dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                decay=args.decay, data=args.data, distill_temperature=args.distill_temperature,
+                                final_loss=[round(v, 4) for v in final["loss"]]))
+    heads.to(base.tok_embeddings.weight.dtype)
+    accuracy = fit_tree(base, heads, windows[train_windows:], config, args)
+    save_heads(heads, heads_path, config)
+    print(report(heads_path, heads, accuracy, config, args.split, time.perf_counter() - t0))
+
+
+def calibrate(args):
+    """`medusa.py calibrate`: the heads' accuracies on a split; on the train split, their tree is fitted again."""
+    t0 = time.perf_counter()
+    base, heads_path, windows = prepare(args)
+    heads, config = load_heads(heads_path, base)
+    accuracy = fit_tree(base, heads, windows, config, args)
+    if args.split == "train":
+        write_config(heads_path, config)
+    print(report(heads_path, heads, accuracy, config, args.split, time.perf_counter() - t0))
+
+
+def fit_tree(base, heads: MedusaHeads, windows: Tensor, config: dict, args) -> list:
+    """Accuracies on the base model's greedy continuations of windows the heads were not trained on. On the train
+    split (only: the held-out split is for reporting) the best tree of --nodes goes into config."""
+    base.setup_caches(len(windows), args.seq_len)
+    accuracy = rank_accuracy(base, heads, self_distill(base, windows, 0.0))
+    if args.split == "train":
         config["medusa_choices"], expected = best_tree(accuracy, args.nodes)
         config["expected_tokens_per_step"] = round(expected, 3)
         config["accuracy"] = dict(split="train", top1=[round(a[0], 4) for a in accuracy],
                                   top5=[round(sum(a[:5]), 4) for a in accuracy])
-        if args.command == "train":
-            save_heads(heads, heads_path, config)
-        else:
-            write_config(heads_path, config)
+    return accuracy
+
+
+def report(heads_path, heads, accuracy, config, split: str, seconds: float) -> str:
     choices = load_tree(None, config, len(heads.blocks)).choices
     rows = [("heads", f"{heads_path} ({len(heads.blocks)} heads)"),
-            ("top-1 accuracy", " ".join(f"{a[0]:.3f}" for a in accuracy) + f" (heads 1..K, {args.split} split)"),
+            ("top-1 accuracy", " ".join(f"{a[0]:.3f}" for a in accuracy) + f" (heads 1..K, {split} split)"),
             ("top-5 accuracy", " ".join(f"{sum(a[:5]):.3f}" for a in accuracy)),
             ("tree", f"{len(choices)} nodes, depth {max(map(len, choices))}"),
             ("expected tokens/step", f"{expected_length(accuracy, choices):.2f} (heads taken as independent)"),
-            ("time", f"{time.perf_counter() - t0:.0f} s")]
-    print("\n".join(f"{name:>20}: {value}" for name, value in rows))
+            ("time", f"{seconds:.0f} s")]
+    return "\n".join(f"{name:>20}: {value}" for name, value in rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    (train if args.command == "train" else calibrate)(args)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -4,9 +4,16 @@ Weights use gpt-fast's layout: q, k and v fused into one `wqkv`, and q/k rows pe
 rotates interleaved pairs (Meta's convention). Positions are tensors everywhere the decode loop runs, so one
 compiled graph serves every step.
 """
+import contextlib
+import copy
 import difflib
+import errno
+import io
+import itertools
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -15,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints/tiny-py/model.pth"  # the shipped tiny model
 
 
 @dataclass
@@ -28,18 +37,42 @@ class ModelArgs:
     intermediate_size: int = 11008
     head_dim: int = -1  # -1: dim // n_head
     rope_base: float = 10000.0
-    rope_scaling: Optional[dict] = None  # Llama 3.1: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    rope_scaling: Optional[dict] = None  # Llama 3.1: factor, low/high_freq_factor, original_max_position_embeddings
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     sliding_window: Optional[int] = None  # Mistral v0.1: a query sees only the last `sliding_window` keys
 
     def __post_init__(self):
+        self.check()
         if self.n_kv_heads == -1:
             self.n_kv_heads = self.n_head
         if self.head_dim == -1:
             self.head_dim = self.dim // self.n_head
         if self.n_head % self.n_kv_heads:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    def check(self):
+        """Every value of the right type and range: a damaged config fails here, not as garbage output."""
+        def number(value):
+            return type(value) in (int, float) and math.isfinite(value) and value > 0
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "dim", "intermediate_size", "n_kv_heads",
+                     "head_dim", "sliding_window"):
+            value = getattr(self, name)
+            optional = name in ("n_kv_heads", "head_dim") and value == -1 or name == "sliding_window" and value is None
+            if not optional and (type(value) is not int or value < 1):
+                raise ValueError(f"{name} is {value!r}: it must be a positive integer")
+        for name in ("rope_base", "norm_eps"):
+            if not number(getattr(self, name)):
+                raise ValueError(f"{name} is {getattr(self, name)!r}: it must be a positive number")
+        if type(self.tie_embeddings) is not bool:
+            raise ValueError(f"tie_embeddings is {self.tie_embeddings!r}: it must be true or false")
+        scaling = self.rope_scaling
+        keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        if scaling is not None and not (isinstance(scaling, dict) and set(scaling) == keys and
+                                        all(map(number, scaling.values())) and
+                                        scaling["high_freq_factor"] > scaling["low_freq_factor"]):
+            raise ValueError(f"rope_scaling is {scaling!r}: it must be null or hold positive {sorted(keys)} "
+                             f"(high_freq_factor > low_freq_factor)")
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -53,12 +86,19 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
-        config = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        unknown = set(config) - known
+        try:
+            config = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): re-run scripts/convert_hf_checkpoint.py") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} is not a JSON object: re-run scripts/convert_hf_checkpoint.py")
+        unknown = set(config) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; re-run scripts/convert_hf_checkpoint.py")
-        return cls(**config)
+        try:
+            return cls(**config)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def for_checkpoint(cls, checkpoint_path) -> "ModelArgs":
@@ -72,7 +112,68 @@ class ModelArgs:
             raise ValueError(f"no config.json in {folder} and {e}") from None
 
     def save(self, path):
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        with atomic_write(path) as f:
+            f.write((json.dumps(asdict(self), indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """A binary file to write `path` through: a unique temporary name in the same folder, flushed to disk and renamed
+    to `path` only when the block completes, so `path` never holds a half-written file or a mix of two runs.
+
+    The temporary name carries the writer's process id: leftovers of a killed run are removed by the next write to
+    the same folder. A full disk is a one-line error naming the folder, even where a writer (torch.save) hides the
+    cause behind an error of its own.
+    """
+    path = Path(path)
+    _remove_leftovers(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".partial")
+    try:
+        with _Recording(os.fdopen(fd, "wb", buffering=0)) as f:
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            except Exception:
+                if f.no_space:
+                    raise ValueError(f"no space left on the disk of {path.parent} while writing {path.name}: free "
+                                     f"some space and run again") from None
+                raise
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600, as if written by open()
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class _Recording(io.BufferedWriter):
+    """Remembers whether a write failed for want of space (a full disk, a quota or a file-size limit)."""
+    no_space = False
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except OSError as e:
+            self.no_space = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            raise
+
+    def flush(self):
+        try:
+            return super().flush()
+        except OSError as e:
+            self.no_space = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            raise
+
+
+def _remove_leftovers(folder: Path):
+    for leftover in folder.glob(".*.partial"):
+        try:
+            os.kill(int(leftover.name.split(".")[-3]), 0)  # the writer is alive: its file is in progress
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
 
 
 _LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -122,6 +223,32 @@ transformer_configs = {
 }
 
 
+def load_state(path, unquantized: bool = False) -> dict:
+    """The tensors of a checkpoint file, memory-mapped. Only tensors and plain containers are unpickled
+    (weights_only): a checkpoint is untrusted input. unquantized: refuse a file that quantize.py or anyprec.py made
+    (the quantizers start from the original)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the checkpoint file in it, e.g. {path / 'model.pth'}")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found: run scripts/prepare.sh <hf_repo_id> for a Hugging Face model "
+            f"(e.g. scripts/prepare.sh meta-llama/Llama-2-7b-chat-hf), or scripts/train_tiny.py for the tiny model")
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated, empty, random bytes, or a pickle of anything but tensors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({reason[:200]}): it is damaged or not a PyTorch "
+                         f"state dict; convert or download it again") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors: convert the model with "
+                         f"scripts/convert_hf_checkpoint.py")
+    if unquantized and "quantization" in state:
+        raise ValueError(f"{path} is already quantized ({state['quantization'].get('mode')}): quantize the original "
+                         f"bf16 model.pth")
+    return state
+
+
 class KVCache(nn.Module):
     def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, dtype):
         super().__init__()
@@ -137,6 +264,13 @@ class KVCache(nn.Module):
         k_cache[rows, :, cache_pos] = k.transpose(1, 2)  # indexed view is [B, S, H_kv, D]
         v_cache[rows, :, cache_pos] = v.transpose(1, 2)
         return k_cache, v_cache
+
+    def move(self, src: Tensor, dst: Tensor):
+        """Copy each row's slots src [B, n] to its slots dst [B, n]: all gathered before any is written, so a
+        slot may be both a source and a destination (Medusa moves an accepted tree path into place this way)."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        for cache in (self.k_cache, self.v_cache):
+            cache[rows, :, dst] = cache[rows, :, src]  # indexed view [B, n, H_kv, D]
 
 
 class Transformer(nn.Module):
@@ -172,6 +306,20 @@ class Transformer(nn.Module):
                              persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
+    def remove_caches(self):
+        """Back to whole sequences: no KV cache until setup_caches makes one."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.max_batch_size = self.max_seq_length = -1
+
+    def twin(self) -> "Transformer":
+        """A second model on the same weights (no tensor is copied) without a KV cache, so that it can have one of
+        its own: a self-speculation draft, or a generator beside a model that scores whole sequences."""
+        shared = {id(t): t for t in itertools.chain(self.parameters(), self.buffers())}
+        twin = copy.deepcopy(self, memo=shared)
+        twin.remove_caches()
+        return twin
+
     def hidden(self, idx: Tensor, input_pos: Optional[Tensor] = None, *, cache_pos: Optional[Tensor] = None,
                mask: Optional[Tensor] = None) -> Tensor:
         """The final-norm hidden state [B, S, dim], the input of `output` (and of Medusa heads).
@@ -183,12 +331,9 @@ class Transformer(nn.Module):
         B, S = idx.shape
         x = self.tok_embeddings(idx)
         if not self.has_cache:  # training and perplexity
-            c = self.config
-            rope = rope_table(S, c.head_dim, c.rope_base, c.rope_scaling, idx.device)[None]
-            if mask is None and c.sliding_window is not None and S > c.sliding_window:
-                mask = causal_mask(torch.arange(S, device=idx.device)[None], S, c.sliding_window)
+            rope, causal = self.sequence_context(S, idx.device)
             for layer in self.layers:
-                x = layer(x, rope, None, mask)
+                x = layer(x, rope, None, causal if mask is None else mask)
             return self.norm(x)
         if input_pos is None:
             raise ValueError("input_pos is required once setup_caches has been called")
@@ -201,10 +346,34 @@ class Transformer(nn.Module):
             x = layer(x, rope, cache_pos, mask)
         return self.norm(x)
 
+    def sequence_context(self, S: int, device) -> tuple[Tensor, Optional[Tensor]]:
+        """(rope [1, S, head_dim/2, 2], mask) for whole sequences of S tokens without a cache: the mask is None
+        (plain causal attention) unless a sliding window is shorter than S."""
+        c = self.config
+        rope = rope_table(S, c.head_dim, c.rope_base, c.rope_scaling, device)[None]
+        if c.sliding_window is None or S <= c.sliding_window:
+            return rope, None
+        return rope, causal_mask(torch.arange(S, device=device)[None], S, c.sliding_window)
+
     def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None, *, cache_pos: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None) -> Tensor:
         """Logits [B, S, vocab_size]; arguments as in `hidden`."""
         return self.output(self.hidden(idx, input_pos, cache_pos=cache_pos, mask=mask))
+
+
+def linear_names(model: Transformer, include_output: bool = True) -> list[str]:
+    """The Linears a weight-only quantizer replaces: every one in the blocks, and the output head unless it is the
+    embedding table (tied) or include_output is False."""
+    tied = model.config.tie_embeddings
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (name != "output" or include_output and not tied)]
+
+
+def narrow_ranges(t: Tensor, dim: int, ranges: list[tuple[int, int]]) -> Tensor:
+    """The (start, length) ranges of t along dim, concatenated. One range is a view: of a memory-mapped tensor,
+    nothing is read until the copy to the device (generate.load_model's, which also makes it contiguous)."""
+    parts = [t.narrow(dim, start, length) for start, length in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def causal_mask(query_pos: Tensor, n_keys: int, sliding_window: Optional[int] = None) -> Tensor:

@@ -21,15 +21,14 @@ At temperature 0 a draft is accepted while it equals the target's argmax, and th
 The KV caches are indexed and masked by position, so rejected entries need no rollback: the next step overwrites
 them before any query can see them. Shapes never change (fixed B and k), so --compile captures three CUDA graphs
 (draft [B, 2] and [B, 1], verify [B, k+1]) and never recompiles; each step syncs with the host once, to read n.
-"""
-import functools
-import time
 
+Needs model.py, anyprec.py (self-speculation) and generate.py, whose loop runs the `decoder` made here.
+"""
 import torch
 from torch import Tensor
 
-from generate import (compile_fns as compile_plain, logits_to_probs, prefill, reserve_cache, right_padded, sample_from,
-                      sync)
+from anyprec import at_precision
+from generate import Decoder, compile_prefill, compile_step, load_model, logits_to_probs, prefill, sample_from
 from model import Transformer
 
 
@@ -81,7 +80,7 @@ def draft_step(draft: Transformer, tokens, input_pos, temperature: float, top_k,
     return sample_from(q), q
 
 
-def verify(target: Transformer, cur, draft_tokens, q, pos, temperature: float, top_k, top_p):
+def verify_drafts(target: Transformer, cur, draft_tokens, q, pos, temperature: float, top_k, top_p):
     """cur, pos [B]; draft_tokens [B, k]; q [B, k, V] or None -> (tokens [B, k+1], n [B]): one target forward."""
     tokens = torch.cat([cur[:, None], draft_tokens], 1)  # [B, k+1]
     input_pos = pos[:, None] + torch.arange(tokens.shape[1], device=pos.device)
@@ -92,7 +91,7 @@ def verify(target: Transformer, cur, draft_tokens, q, pos, temperature: float, t
 
 
 def speculative_step(target, draft, prev, cur, pos, k: int, temperature: float, top_k, top_p, *,
-                     draft_fn=draft_step, verify_fn=verify):
+                     draft_fn=draft_step, verify_fn=verify_drafts):
     """prev, cur, pos [B]: each row's last two tokens and cur's position (cur is in no cache yet).
 
     The draft's first forward takes [prev, cur]: when the previous step accepted all k drafts, prev never went
@@ -110,19 +109,40 @@ def speculative_step(target, draft, prev, cur, pos, k: int, temperature: float, 
     return tokens.clone(), n.clone()
 
 
-def compile_fns(compile_decode: bool, compile_prefill: bool):
-    """(prefill, step) for `generate`, compiled as asked: the draft and verify functions to CUDA graphs of static
-    shapes (one per input shape, so dynamic=False), the target's prefill as generate.py compiles it."""
-    prefill_fn, _ = compile_plain(compile_decode, compile_prefill)  # also sets the inductor options
-    if not compile_decode:
-        return prefill_fn, speculative_step
-    options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return prefill_fn, functools.partial(speculative_step, draft_fn=torch.compile(draft_step, **options),
-                                         verify_fn=torch.compile(verify, **options))
+def decoder(target: Transformer, draft: Transformer, speculate_k: int = 5, temperature=0.0, top_k=None, top_p=None,
+            compile=False, compile_prefill_too=False) -> Decoder:
+    """Speculative decoding for generate.generate: each step emits 1 to k + 1 tokens, exactly the target's
+    distribution. State: each row's last two tokens and the position of the last (prev, cur, pos [B]).
+    With compile, the draft and verify functions become CUDA graphs of static shapes (one per input shape)."""
+    check_pair(target, draft)
+    if speculate_k < 1:
+        raise ValueError(f"--speculate_k {speculate_k}: propose at least one token")
+    prefill_fn = compile_prefill(prefill) if compile_prefill_too else prefill
+    draft_fn, verify_fn = draft_step, verify_drafts
+    if compile:
+        draft_fn, verify_fn = compile_step(draft_step), compile_step(verify_drafts)
+    sampling = (temperature, top_k, top_p)
 
+    def first(tokens, input_pos, last):
+        cur = prefill_fn(target, tokens, input_pos, last, *sampling).clone()
+        draft.hidden(tokens, input_pos)  # the draft's cache takes the prompt; its output is not needed
+        prev = tokens.gather(1, last[:, None])[:, 0]
+        return cur[:, None], torch.ones_like(cur), (prev, cur, last + 1)
 
-# ---------------------------------------------------------------------------------------------------------------
-# Generation: generate.generate's interface, with a draft.
+    def step(state, active):
+        prev, cur, pos = state
+        # A finished row computes on (static shapes) from the end of its cache: its writes land past its sequence,
+        # which they leave intact, and inside the cache. A running row is never that far.
+        pos = pos.clamp(max=min(target.max_seq_length, draft.max_seq_length) - speculate_k - 1)
+        tokens, n = speculative_step(target, draft, prev, cur, pos, speculate_k, *sampling, draft_fn=draft_fn,
+                                     verify_fn=verify_fn)
+        # The row's new last two tokens: the last emitted, and the one before it (cur if only one was emitted).
+        last = tokens.gather(1, n[:, None])[:, 0]
+        before = torch.where(n > 0, tokens.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0], cur)
+        return tokens, n + 1, (before, last, pos + n + 1)
+
+    return Decoder(first, step, (target, draft), lookahead=speculate_k + 1)
+
 
 def load_draft(target: Transformer, checkpoint_path=None, precision=None, device="cpu", dtype=torch.bfloat16):
     """The draft for `target`: a checkpoint (a smaller model trained with the same tokenizer, or a quantized copy of
@@ -131,12 +151,7 @@ def load_draft(target: Transformer, checkpoint_path=None, precision=None, device
     if (checkpoint_path is None) == (precision is None):
         raise ValueError("speculative decoding needs one draft: --draft_checkpoint_path, or --draft_precision for an "
                          "any-precision model")
-    if precision is not None:
-        from anyprec import at_precision
-        draft = at_precision(target, precision)
-    else:
-        from generate import load_model
-        draft = load_model(checkpoint_path, device, dtype)
+    draft = at_precision(target, precision) if precision is not None else load_model(checkpoint_path, device, dtype)
     check_pair(target, draft)
     return draft
 
@@ -147,76 +162,3 @@ def check_pair(target: Transformer, draft: Transformer):
                          f"use a draft trained with the target's tokenizer")
     if draft is target:
         raise ValueError("the draft must be its own module: two models cannot share one KV cache")
-
-
-@torch.no_grad()
-def generate(target: Transformer, prompts: list[list[int]], max_new_tokens: int, *, draft: Transformer,
-             speculate_k: int = 5, temperature=0.0, top_k=None, top_p=None, stop_ids=(), prefill_fn=prefill,
-             decode_fn=speculative_step, on_tokens=None):
-    """generate.generate's contract (same arguments, same output, exactly the target's distribution), with `draft`
-    proposing `speculate_k` tokens per target forward. decode_fn is one speculative step (see compile_fns).
-
-    on_tokens(call, tokens) is called once per output position a step reaches, tokens[b] being row b's token there
-    (None where row b has none). stats adds decode_tokens and accepted (accepted[n]: row-steps that kept n drafts).
-    """
-    check_pair(target, draft)
-    k = speculate_k
-    if k < 1:
-        raise ValueError(f"--speculate_k {k}: propose at least one token")
-    device = target.tok_embeddings.weight.device
-    B, lengths = len(prompts), [len(p) for p in prompts]
-    tokens, input_pos = right_padded(prompts, device)
-    # The last step starts before max_new_tokens and writes k + 1 slots: the cache must hold the overshoot.
-    for name, model in (("target model", target), ("draft model", draft)):
-        reserve_cache(model, B, max(lengths), max_new_tokens + k + 1,
-                      f"max_new_tokens ({max_new_tokens}) + speculate_k + 1 ({k + 1})",
-                      "lower --max_new_tokens or --speculate_k", name)
-
-    sync(device)
-    t0 = time.perf_counter()
-    cur = prefill_fn(target, tokens, input_pos, torch.tensor(lengths, device=device) - 1, temperature, top_k, top_p)
-    host = cur.tolist()
-    ttft = time.perf_counter() - t0
-    seqs = [p + [t] for p, t in zip(prompts, host)]  # each row's whole sequence, cut at max_new_tokens or a stop id
-    done = [t in stop_ids or max_new_tokens <= 1 for t in host]
-    if on_tokens:
-        on_tokens(0, host)
-    accepted, steps, calls = [0] * (k + 1), 0, 0
-    t1 = time.perf_counter()  # decode time includes the draft's prefill
-    draft.hidden(tokens, input_pos)  # the draft's cache takes the prompt; its output is not needed
-    while not all(done):
-        # Every row restarts from the end of its own sequence. A finished row is parked there: it keeps computing
-        # (static shapes), but only rewrites its last slots with the same tokens and scribbles past its end.
-        state = torch.tensor([[s[-2], s[-1], len(s) - 1] for s in seqs], device=device)  # [B, 3]
-        out, n = decode_fn(target, draft, state[:, 0], state[:, 1], state[:, 2], k, temperature, top_k, top_p)
-        host = torch.cat([out, n[:, None]], 1).tolist()  # the one host sync of the step
-        steps += 1
-        new = [[] for _ in range(B)]
-        for i, row in enumerate(host):
-            if done[i]:
-                continue
-            accepted[row[-1]] += 1
-            for t in row[: row[-1] + 1]:
-                new[i].append(t)
-                seqs[i].append(t)
-                if t in stop_ids or len(seqs[i]) - lengths[i] == max_new_tokens:
-                    done[i] = True
-                    break
-        for j in range(max(map(len, new)) if on_tokens else 0):
-            calls += 1
-            on_tokens(calls, [r[j] if j < len(r) else None for r in new])
-    sync(device)
-    decode_time = time.perf_counter() - t1
-    results = [s[length:] for s, length in zip(seqs, lengths)]
-    decode_tokens = sum(len(row) - 1 for row in results)
-    results = [row[:-1] if row[-1] in stop_ids else row for row in results]
-    stats = dict(ttft=ttft, decode_steps=steps, decode_time=decode_time, batch_size=B,
-                 new_tokens=sum(map(len, results)), decode_tokens=decode_tokens, accepted=accepted)
-    return results, stats
-
-
-def acceptance_summary(accepted: list[int]) -> tuple[float, str]:
-    """(mean tokens emitted per target forward, the histogram as 'n: share' for n = 0..k)."""
-    total = sum(accepted)
-    mean = sum((n + 1) * c for n, c in enumerate(accepted)) / max(total, 1)
-    return mean, "  ".join(f"{n}: {c / max(total, 1):.0%}" for n, c in enumerate(accepted))

@@ -7,9 +7,12 @@ tiktoken (Llama 3), with each family's chat template.
     tok.stop_ids                                         # every id that ends a reply
 """
 import base64
+import binascii
 import json
 import re
 from pathlib import Path
+
+import sentencepiece
 
 # Llama 3.1's special tokens, in id order after the 128000 byte-pair ranks (Llama 3.0 names 128008 and 128010
 # reserved_special_token_4/5; the ids that matter are the same in both).
@@ -24,8 +27,11 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 
 class SentencePieceTokenizer:
     def __init__(self, path: Path, chat_format: str):
-        import sentencepiece
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a readable tokenizer ({str(e).strip()[:120]}): download it again with "
+                             f"scripts/download.py") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.stop_ids = {self.eos_id}
         self.vocab_size = self.sp.vocab_size()
@@ -86,10 +92,14 @@ class TiktokenTokenizer:
         except ImportError:
             raise ValueError(f"{path} is a Llama 3 (tiktoken) tokenizer: pip install tiktoken") from None
         ranks = {}
-        for line in path.read_text().splitlines():
-            if line:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
+        try:
+            for line in path.read_text().splitlines():
+                if line:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+        except (ValueError, binascii.Error) as e:  # a wrong field count, rank or base64 (UnicodeDecodeError too)
+            raise ValueError(f"{path} is a damaged tiktoken file ({e}): download it again with "
+                             f"scripts/download.py") from None
         special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
         self.model = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
         self.special = special
@@ -121,7 +131,10 @@ def chat_format_of(folder: Path) -> str:
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
     elif (folder / "tokenizer_config.json").is_file():
-        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template") or ""
+        try:
+            template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template") or ""
+        except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, or not a JSON object
+            raise ValueError(f"{folder / 'tokenizer_config.json'} is damaged ({e}): download it again") from None
     if isinstance(template, list):  # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), "")
     if "<|user|>" in template:

@@ -10,8 +10,11 @@ the partial sums are all-reduced. The embedding, the norms and the output head a
 the whole logits and, seeded alike, samples the same token: ranks never exchange tokens, only the two sums per block.
 Each rank reads only its own slices from the memory-mapped checkpoint, so no process ever holds the whole model.
 Fewer kv heads than ranks (8 on 16) are replicated: each rank keeps the one kv head its query heads use.
+
+Needs model.py only: a quantized Linear (quantize.py, anyprec.py) cuts its own tensors, through its `shard` method.
 """
 import atexit
+import contextlib
 import os
 import random
 from datetime import timedelta
@@ -21,14 +24,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
-from torch import Tensor
 
-from model import Attention, FeedForward, Transformer
+from model import Attention, FeedForward, Transformer, narrow_ranges
 
 
-def maybe_init_dist(device="cuda") -> Optional[int]:
+def maybe_init_dist(device="cuda", timeout: float = 600) -> Optional[int]:
     """Join the torchrun job this process belongs to (NCCL on CUDA, gloo on CPU) and return its rank; None when the
-    process was not started by torchrun with more than one rank. Each rank takes GPU LOCAL_RANK of its machine."""
+    process was not started by torchrun with more than one rank. Each rank takes GPU LOCAL_RANK of its machine.
+    A collective that waits more than `timeout` seconds for another rank fails (see stalls_end_the_job)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return None
@@ -44,15 +47,32 @@ def maybe_init_dist(device="cuda") -> Optional[int]:
     elif device.type != "cpu":
         raise ValueError(f"tensor parallelism runs on cuda (NCCL) or cpu (gloo), not on {device.type}")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(_leave)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+        atexit.register(_leave, timeout)
     return rank
 
 
-def _leave():
+def _leave(timeout: float):
+    if not dist.is_initialized():  # a stall already tore the group down
+        return
     if dist.get_backend() == "gloo":  # gloo aborts at exit while a peer's last transfer is still in flight
-        dist.monitored_barrier(timeout=timedelta(seconds=60))  # raises, rather than hangs, if a rank has died
+        dist.monitored_barrier(timeout=timedelta(seconds=timeout))  # raises, rather than hangs, if a rank has died
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stalls_end_the_job(timeout: float):
+    """A collective that timed out (another rank stopped, hung or died) becomes one clear error on this rank, and
+    the group is torn down so that nothing waits again at exit; torchrun then ends the other ranks."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not dist.is_initialized() or "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        raise ValueError(f"rank {rank} heard nothing from the other ranks for {timeout:g} s (--timeout): one of them "
+                         f"stopped, hung or died; ending the job") from None
 
 
 def world_size() -> int:
@@ -102,10 +122,11 @@ def check_divisible(model: Transformer, world: int):
             return f"n_kv_heads ({c.n_kv_heads}) and {n} do not divide one another"
         if c.intermediate_size % n:
             return f"intermediate_size ({c.intermediate_size}) is not divisible by {n}"
-        for name in ("attention.wo", "feed_forward.w2"):  # int4: a row-parallel shard takes whole groups
-            scales = getattr(model.layers[0].get_submodule(name), "scales_and_zeros", None)
-            if scales is not None and scales.shape[1] % n:
-                return f"{name}'s {scales.shape[1]} int4 groups are not divisible by {n} (smaller groups help)"
+        for name in ("attention.wo", "feed_forward.w2"):  # a quantized layer may cut its inputs in whole groups only
+            linear = model.layers[0].get_submodule(name)
+            groups = linear.in_features // getattr(linear, "input_multiple", 1)
+            if groups % n:
+                return f"{name}'s {groups} groups of inputs are not divisible by {n} (smaller groups help)"
         return None
 
     if problem(world) is not None:
@@ -133,53 +154,14 @@ def shard_feed_forward(feed_forward: FeedForward, width: int, rank: int):
 
 
 def shard_linear(linear: nn.Module, dim: int, ranges: list[tuple[int, int]]):
-    """Keep `ranges` of the output features (dim 0: column-parallel) or of the input features (dim 1: row-parallel),
-    in each format's own layout (quantize.py's and anyprec.py's docstrings give them)."""
-    if isinstance(linear, nn.Linear):
-        linear.weight = nn.Parameter(_keep(linear.weight, dim, ranges), requires_grad=False)
-        linear.out_features, linear.in_features = linear.weight.shape
-        return
-    from anyprec import AnyPrecLinear
-    from quantize import Int4Linear, Int8Linear
-    if isinstance(linear, Int8Linear):  # weight int8 [N, K], scales [N]: one per output row
-        linear.weight = _keep(linear.weight, dim, ranges)
-        if dim == 0:
-            linear.scales = _keep(linear.scales, 0, ranges)
-    elif isinstance(linear, Int4Linear):  # weight uint8 [N, K/2], two codes a byte; scales_and_zeros [N, K/g, 2]
-        if dim == 0:
-            linear.weight = _keep(linear.weight, 0, ranges)
-            linear.scales_and_zeros = _keep(linear.scales_and_zeros, 0, ranges)
-        else:  # whole groups only: check_divisible saw to it
-            g = 2 * linear.weight.shape[1] // linear.scales_and_zeros.shape[1]
-            linear.weight = _keep(linear.weight, 1, [(start // 2, n // 2) for start, n in ranges])
-            linear.scales_and_zeros = _keep(linear.scales_and_zeros, 1, [(start // g, n // g) for start, n in ranges])
-    elif isinstance(linear, AnyPrecLinear):  # qweight int32 [planes, N, Kp/32], lut{p} [N, 2^p]
-        if dim == 0:
-            linear.qweight = _keep(linear.qweight, 1, ranges)
-            for p in linear.precisions:
-                setattr(linear, f"lut{p}", _keep(getattr(linear, f"lut{p}"), 0, ranges))
-            linear.out_features = linear.qweight.shape[1]
-        else:
-            linear.qweight, linear.in_features = _repack_inputs(linear.qweight, linear.in_features, ranges)
-        linear.codes = None  # the CPU path's unpacked codes: recomputed when the shard is loaded
-    else:
-        raise ValueError(f"tensor parallelism cannot split {type(linear).__name__} layers")
-
-
-def _repack_inputs(qweight: Tensor, in_features: int, ranges, rows_per_block: int = 1024) -> tuple[Tensor, int]:
-    """Bitplanes interleave a row's bits in 1024-weight chunks, so a cut through K (say at 11008/2) unpacks the codes,
-    keeps the ranges and packs again; a block of rows at a time bounds the unpacked copy."""
-    from anyprec import pack, unpack
-    planes = qweight.shape[0]
-    blocks = [_keep(unpack(qweight[:, r:r + rows_per_block], planes, in_features), 1, ranges)
-              for r in range(0, qweight.shape[1], rows_per_block)]
-    return torch.cat([pack(codes, planes) for codes in blocks], dim=1), sum(n for _, n in ranges)
-
-
-def _keep(t: Tensor, dim: int, ranges: list[tuple[int, int]]) -> Tensor:
-    """The ranges of t along dim, concatenated: a view (nothing read from a memory map) when there is one range."""
-    parts = [t.narrow(dim, start, length) for start, length in ranges]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    """Keep `ranges` of the output features (dim 0: column-parallel) or of the input features (dim 1: row-parallel).
+    A quantized Linear cuts its own tensors in its own layout (its `shard` method)."""
+    if not isinstance(linear, nn.Linear):
+        if not hasattr(linear, "shard"):
+            raise ValueError(f"tensor parallelism cannot split {type(linear).__name__} layers")
+        return linear.shard(dim, ranges)
+    linear.weight = nn.Parameter(narrow_ranges(linear.weight, dim, ranges), requires_grad=False)
+    linear.out_features, linear.in_features = linear.weight.shape
 
 
 def shard_state_dict(model: Transformer, state: dict) -> dict:

@@ -1,11 +1,17 @@
-"""Decode speed on random weights of any registry shape (nothing to download), against the device's own copy
-bandwidth, measured in the same run.
+"""Decode speed, against the device's own copy bandwidth or against plain decoding, measured in the same run. Without
+--checkpoint_path the weights are random, of any registry shape (nothing to download).
 
-    python scripts/bench.py --model_name Llama-2-7b-chat-hf --compile          # batch 1, 200 new tokens
-    python scripts/bench.py --checkpoint_path checkpoints/tiny-py/model.pth    # real weights, any device
-    python scripts/bench.py --model_name Llama-2-7b-chat-hf --compile --tp     # 1, 2, 4, 8 GPUs (tensor parallel)
+    python scripts/bench.py decode --model_name Llama-2-7b-chat-hf --compile            # batch 1, 200 new tokens
+    python scripts/bench.py decode --compile --mode int8 int4 anyprec --precision 3 8   # and quantized, same run
+    python scripts/bench.py kernels --batch_size 1       # every GEMV kernel vs torch's, on the 7B layer shapes
+    python scripts/bench.py kernels --tokens 1 8 16 64 --model_names Llama-2-7b-chat-hf Meta-Llama-3-8B  # same run
+    python scripts/bench.py speculative --compile        # plain vs an int4 copy and 3-bit self drafting
+    python scripts/bench.py speculative --checkpoint_path checkpoints/tiny-py/model.pth \
+        --draft_checkpoint_path checkpoints/tiny-py-draft/model.pth --speculate_k 4
+    python scripts/bench.py medusa --checkpoint_path checkpoints/tiny-py/model.pth      # its shipped heads
+    python scripts/bench.py tp --compile                 # decode on 1, 2, 4, 8 GPUs (torchrun), as many as there are
 
-Decode at batch 1 reads every weight once per token, so weight bytes x tokens/s is the bandwidth it achieves; the
+Decode at batch 1 reads every weight once per token, so weight bytes x steps/s is the bandwidth it achieves; the
 fraction of the measured copy bandwidth (bytes read + written per second) is how close to the hardware it runs.
 """
 import argparse
@@ -21,14 +27,24 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import (compile_fns, default_device, generate, load_model, peak_memory_gb, sync,  # noqa: E402
-                      weight_bytes)
-from model import ModelArgs, Transformer  # noqa: E402
 import anyprec  # noqa: E402
+import cli  # noqa: E402
+import medusa  # noqa: E402
+import quantize  # noqa: E402
+import speculative  # noqa: E402
+from eval import stdlib_texts  # noqa: E402
+from generate import (acceptance_summary, default_device, generate, load_model, peak_memory_gb,  # noqa: E402
+                      plain_decoder, reserve_cache, sync, weight_bytes)
+from model import ModelArgs, Transformer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 from tp import apply_tp, max_over_ranks, maybe_init_dist  # noqa: E402
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and prompts.
 
 def random_model(config: ModelArgs, device, dtype, tp=False) -> Transformer:
     """Weights drawn on the device itself: a 7B model in seconds, never whole on the host (nor, with tp=True under
@@ -49,25 +65,55 @@ def random_model(config: ModelArgs, device, dtype, tp=False) -> Transformer:
     return model.eval()
 
 
-def random_anyprec_model(config: ModelArgs, device, dtype, seed=3, parent=8) -> Transformer:
-    """Random any-precision weights built directly, without k-means: uniform random parent codes, sorted random
-    parent tables, and each narrower table the mean of its two children (what upscaling leaves). For speed, and for
-    the acceptance of one width drafting for another of the same weights."""
-    model = random_model(config, device, dtype)
-    state = model.state_dict()
-    for name, module in model.named_modules():
-        if name.endswith(anyprec.QUANTIZED):
-            N, K = state.pop(f"{name}.weight").shape
-            codes = torch.randint(0, 2**parent, (N, K), dtype=torch.uint8, device=device)
-            state[f"{name}.qweight"] = anyprec.pack(codes, parent)
-            lut = torch.randn(N, 2**parent, device=device).mul_(0.02).sort(dim=1).values
-            for p in range(parent, seed - 1, -1):
-                state[f"{name}.lut{p}"] = lut.half()
-                lut = lut.view(N, -1, 2).mean(-1)
-    anyprec.swap_linears(model, {"mode": "anyprec", "seed_precision": seed, "parent_precision": parent})
-    model.load_state_dict(state, assign=True)
-    return model
+def load_or_random(args, tp=False) -> tuple[Transformer, str]:
+    dtype = getattr(torch, args.dtype)
+    if args.checkpoint_path is not None:
+        return load_model(args.checkpoint_path, args.device, dtype, tp=tp), str(args.checkpoint_path)
+    return random_model(ModelArgs.from_name(args.model_name), args.device, dtype, tp=tp), args.model_name
 
+
+def uncached_copy(model: Transformer) -> Transformer:
+    """A copy of the weights without the KV cache (quantizers take whole sequences; decoding makes its own)."""
+    copy = deepcopy(model)
+    copy.remove_caches()
+    return copy
+
+
+def anyprec_copy(model: Transformer, seed_bits=3, parent_bits=8) -> Transformer:
+    """An any-precision copy of `model`, quantized by anyprec.quantize_state (uniform Fisher, the k-means stopped at
+    its seeding). Decode speed depends on the shapes, not on the values: the first block is quantized and every
+    block loads its codes and tables."""
+    copy, block, device = uncached_copy(model), model.layers[0], model.tok_embeddings.weight.device
+    fisher = {name: torch.ones(m.weight.shape, device=device) for name, m in block.named_modules()
+              if isinstance(m, nn.Linear)}
+    state, _ = anyprec.quantize_state(block.state_dict(), fisher, seed_bits, parent_bits, device, progress=False,
+                                      iters=0)
+    anyprec.swap_linears(copy, state.pop("quantization"))
+    for layer in copy.layers:
+        layer.load_state_dict(state)
+    return copy
+
+
+def bench_prompts(args, vocab_size, prompt_len=16) -> list:
+    """One prompt per row: the opening of a held-out stdlib file when the checkpoint has a tokenizer, else random."""
+    if args.checkpoint_path is not None and any(args.checkpoint_path.parent.glob("tokenizer.*")):
+        tokenizer = load_tokenizer(args.checkpoint_path.parent)
+        return [tokenizer.encode(text, bos=True)[:prompt_len] for text in stdlib_texts("heldout")[:args.batch_size]]
+    return torch.randint(0, vocab_size, (args.batch_size, prompt_len)).tolist()
+
+
+def header(device) -> str:
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    return f"device {name} | torch {torch.__version__} | {datetime.date.today().isoformat()}"
+
+
+def described(args, what) -> str:
+    return (f"{what} ({args.dtype}, batch {args.batch_size}, {'compiled' if args.compile else 'eager'}, temperature "
+            f"{args.temperature}, {args.max_new_tokens} new tokens)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing.
 
 def copy_bandwidth(device, nbytes=1 << 30, repeats=10) -> float:
     """Bytes read + written per second by a device-to-device copy of nbytes (well beyond any cache)."""
@@ -84,179 +130,177 @@ def copy_bandwidth(device, nbytes=1 << 30, repeats=10) -> float:
     return 2 * nbytes * repeats / (time.perf_counter() - t0)
 
 
-def decode_speed(model, prompt_len=16, max_new_tokens=200, batch_size=1, compile=False, runs=3) -> dict:
-    """Median decode steps/s over `runs` generations of exactly max_new_tokens (no stop id), after a warm-up."""
-    device = model.tok_embeddings.weight.device
-    prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist()] * batch_size
-    model.setup_caches(batch_size, prompt_len + max_new_tokens)
-    prefill_fn, decode_fn = compile_fns(compile, False)
-    generate(model, prompts, max_new_tokens, prefill_fn=prefill_fn, decode_fn=decode_fn)  # warm-up (compiles)
-    rates, ttfts = [], []
-    for _ in range(runs):
-        _, stats = generate(model, prompts, max_new_tokens, prefill_fn=prefill_fn, decode_fn=decode_fn)
-        rates.append(stats["decode_steps"] / stats["decode_time"])
-        ttfts.append(stats["ttft"])
-    steps_per_s = statistics.median(rates)
-    return dict(tok_s=steps_per_s * batch_size, steps_s=steps_per_s, weight_gb_s=weight_bytes(model) * steps_per_s / 1e9,
-                ttft_ms=1000 * statistics.median(ttfts))
+def time_decoder(model, decoder, prompts, args) -> dict:
+    """Medians over --runs generations of exactly --max_new_tokens (no stop id), after a warm-up that compiles:
+    tok/s (tokens of decode steps / their time), seconds per step, time to first token; and the tokens per step with
+    their histogram, over all the runs."""
+    generate(model, prompts, args.max_new_tokens, decoder=decoder)
+    stats = [generate(model, prompts, args.max_new_tokens, decoder=decoder)[1] for _ in range(args.runs)]
+    tokens_per_step, histogram = acceptance_summary([sum(c) for c in zip(*(s["accepted"] for s in stats))])
+    return dict(tok_s=statistics.median(s["decode_tokens"] / s["decode_time"] for s in stats),
+                step_s=statistics.median(s["decode_time"] / s["decode_steps"] for s in stats),
+                ttft_ms=1000 * statistics.median(s["ttft"] for s in stats), tokens_per_step=tokens_per_step,
+                histogram=histogram)
 
 
-def speculative_speed(target, draft, prompts, speculate_k, max_new_tokens=200, temperature=0.0, compile=False,
-                      runs=3) -> dict:
-    """Plain and speculative decoding of the same prompts in one run: median tok/s of each after a warm-up (no stop
-    id, exactly max_new_tokens), their ratio, and the mean tokens per target forward with the acceptance histogram."""
-    import speculative
-    plain_fns, spec_fns = compile_fns(compile, False), speculative.compile_fns(compile, False)
-    target.setup_caches(len(prompts), max(map(len, prompts)) + max_new_tokens + speculate_k + 1)
-    runs_of = {
-        "plain": lambda: generate(target, prompts, max_new_tokens, temperature=temperature, prefill_fn=plain_fns[0],
-                                  decode_fn=plain_fns[1]),
-        "speculative": lambda: speculative.generate(target, prompts, max_new_tokens, draft=draft,
-                                                    speculate_k=speculate_k, temperature=temperature,
-                                                    prefill_fn=spec_fns[0], decode_fn=spec_fns[1]),
-    }
-    result, accepted = {}, [0] * (speculate_k + 1)
-    for name, run in runs_of.items():
-        run()  # warm-up (compiles)
-        rates = []
-        for _ in range(runs):
-            _, stats = run()
-            rates.append(stats.get("decode_tokens", stats["decode_steps"] * len(prompts)) / stats["decode_time"])
-            if "accepted" in stats:
-                accepted = [a + b for a, b in zip(accepted, stats["accepted"])]
-        result[name] = statistics.median(rates)
-    mean, histogram = speculative.acceptance_summary(accepted)
-    return dict(plain=result["plain"], speculative=result["speculative"],
-                ratio=result["speculative"] / result["plain"], tokens_per_forward=mean, histogram=histogram)
+def compare(args, model, prompts, decoder) -> dict:
+    """Plain decoding and `decoder` on the same prompts in one run, each timed by time_decoder: tok/s of each, their
+    ratio, the decoder's tokens per forward and histogram, its step time over a plain step's. The cache is sized for
+    `decoder` first, so that both attend over the same length."""
+    reserve_cache(decoder, len(prompts), max(map(len, prompts)), args.max_new_tokens)
+    plain = time_decoder(model, plain_decoder(model, args.temperature, compile=args.compile), prompts, args)
+    other = time_decoder(model, decoder, prompts, args)
+    return dict(other, plain=plain["tok_s"], ratio=other["tok_s"] / plain["tok_s"],
+                step_ratio=other["step_s"] / plain["step_s"])
 
 
-def draft_pairs(args, target, dtype) -> list:
-    """(name, target, draft) for --speculative: the --draft_checkpoint_path model; an int4 (group 32) copy of an
-    unquantized target, as gpt-fast shows; an any-precision target (the checkpoint, or random weights) drafting
-    with its own weights at --draft_precision bits."""
-    from speculative import load_draft
-    pairs = []
-    if args.draft_checkpoint_path is not None:
-        draft = load_draft(target, args.draft_checkpoint_path, device=args.device, dtype=dtype)
-        pairs.append((f"{args.draft_checkpoint_path.parent.name} drafts", target, draft))
-    if isinstance(target.layers[0].attention.wqkv, torch.nn.Linear):  # not quantized already
-        from quantize import quantize_model
-        int4 = quantize_model(deepcopy(target), "int4", groupsize=32)
-        pairs.append(("int4 g32 copy drafts", target, int4))
-    anyprec_target = target if isinstance(target.layers[0].attention.wqkv, anyprec.AnyPrecLinear) else (
-        random_anyprec_model(target.config, args.device, dtype) if args.checkpoint_path is None else None)
-    if anyprec_target is not None:  # its own weights at fewer bits draft for it
-        draft = load_draft(anyprec_target, precision=args.draft_precision)
-        pairs.append((f"{args.draft_precision}-bit self drafts", anyprec_target, draft))
-    return pairs
+# ---------------------------------------------------------------------------------------------------------------
+# decode: the model as loaded and quantized copies, against the copy bandwidth. tp: the same on 1..8 ranks.
+
+def variants(args, model):
+    """(name, model): the model as loaded, then a copy quantized in memory for each --mode (int4-gptq calibrates on
+    random tokens: enough to time it); one any-precision copy serves every --precision."""
+    yield args.dtype, model
+    for mode in args.mode:
+        if mode == "anyprec":
+            copy = anyprec_copy(model)
+            for precision in args.precision:
+                anyprec.set_precision(copy, precision)  # one more compiled graph (and CUDA graph) each
+                yield f"anyprec {precision}-bit", copy
+            continue
+        windows = torch.randint(0, model.config.vocab_size, (8, min(256, model.config.block_size)))
+        copy = quantize.quantize_model(uncached_copy(model), mode, args.groupsize, windows)  # only GPTQ reads them
+        yield (mode if mode == "int8" else f"{mode} g{args.groupsize}"), copy
 
 
-def bench_prompts(args, vocab_size, prompt_len=16) -> list:
-    """One prompt per row: the opening of a held-out stdlib file when the checkpoint has a tokenizer, else random."""
-    if args.checkpoint_path is not None and any(args.checkpoint_path.parent.glob("tokenizer.*")):
-        from eval import stdlib_texts
-        from tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(args.checkpoint_path.parent)
-        return [tokenizer.encode(text, bos=True)[:prompt_len] for text in stdlib_texts("heldout")[:args.batch_size]]
-    return torch.randint(0, vocab_size, (args.batch_size, prompt_len)).tolist()
-
-
-def speculative_report(args, target, what, dtype) -> str:
-    prompts = bench_prompts(args, target.config.vocab_size)
-    columns = f"{'draft':>24}  {'plain tok/s':>11}  {'spec. tok/s':>11}  {'ratio':>6}  {'tokens/fwd':>10}"
-    lines = [header(args.device), f"target {what} ({args.dtype}, batch {args.batch_size}, "
-             f"{'compiled' if args.compile else 'eager'}), speculate_k {args.speculate_k}, temperature "
-             f"{args.temperature}, {args.max_new_tokens} new tokens", columns + "  accepted drafts"]
-    for name, target, draft in draft_pairs(args, target, dtype):
-        torch._dynamo.reset()  # each pair compiles its own graphs
-        r = speculative_speed(target, draft, prompts, args.speculate_k, args.max_new_tokens, args.temperature,
-                              args.compile, args.runs)
-        lines.append(f"{name:>24}  {r['plain']:>11.1f}  {r['speculative']:>11.1f}  {r['ratio']:>5.2f}x  "
-                     f"{r['tokens_per_forward']:>10.2f}  {r['histogram']}")
+def decode_bench(args) -> str:
+    """tok/s of each variant, the weight bytes it reads per second and their fraction of the copy bandwidth, the
+    speed-up over the model as loaded; under torchrun (tp), of this rank's shard, and --json gets rank 0's figures."""
+    rank = maybe_init_dist(args.device)
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # output on rank 0 only
+    model, what = load_or_random(args, tp=rank is not None)
+    prompts, copy = bench_prompts(args, model.config.vocab_size), copy_bandwidth(args.device)
+    lines = [header(args.device), f"{described(args, what)}; copy bandwidth {copy / 1e9:.1f} GB/s (read + written)",
+             f"{'mode':>14}  {'weights GB':>10}  {'tok/s':>7}  {'weights GB/s':>12}  {'of copy':>7}  {'ttft ms':>7}  "
+             f"{'speed-up':>8}"]
+    first = None
+    for name, variant in variants(args, model):
+        torch._dynamo.reset()  # each model compiles its own graphs
+        r = time_decoder(variant, plain_decoder(variant, args.temperature, compile=args.compile), prompts, args)
+        nbytes = weight_bytes(variant)
+        r["weight_gb_s"] = nbytes / r["step_s"] / 1e9
+        first = first or r
+        lines.append(f"{name:>14}  {nbytes / 1e9:>10.2f}  {r['tok_s']:>7.1f}  {r['weight_gb_s']:>12.1f}  "
+                     f"{nbytes / r['step_s'] / copy:>7.1%}  {r['ttft_ms']:>7.1f}  {r['tok_s'] / first['tok_s']:>7.2f}x")
+    if args.json is not None:
+        memory = peak_memory_gb(args.device) if rank is None else max_over_ranks(peak_memory_gb(args.device))
+        if not rank:
+            args.json.write_text(json.dumps(dict(tok_s=first["tok_s"], weight_gb_s=first["weight_gb_s"],
+                                                 memory_gb=memory)))
     return "\n".join(lines)
 
 
-def medusa_report(args, model, what) -> str:
-    """Plain and Medusa decoding of the same prompts in one run (median of --runs after a warm-up, exactly
-    --max_new_tokens): tok/s of each, their ratio, tokens per base forward, and the Medusa step's time over a plain
-    step's. Heads: --medusa_heads, else medusa_heads.safetensors beside the checkpoint, else zero-initialised heads
-    (they propose the base model's own next token) on mc_sim_7b_63, to measure the tree's overhead."""
-    import medusa
-    from speculative import acceptance_summary
-    heads_path = args.medusa_heads
-    if heads_path is None and args.checkpoint_path is not None:
-        heads_path = args.checkpoint_path.parent / "medusa_heads.safetensors"
-    if heads_path is not None and heads_path.is_file():
-        kwargs = medusa.load(heads_path, model)
+def torchrun_decode(ranks: int, flags: list):
+    """`decode` with these flags as a torchrun job of `ranks` processes: rank 0's figures, or why it failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={ranks}", __file__, "decode", *flags, "--json", str(result)],
+                             capture_output=True, text=True)
+        if job.returncode == 0:
+            return json.loads(result.read_text())
+    errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
+    return errors[0] if errors else "failed: " + job.stderr.strip()[-300:]
+
+
+def tp_bench(args) -> str:
+    """decode's tok/s at 1, 2, 4 and 8 ranks, as many as there are GPUs (CPU cores on CPU), one job after the other;
+    the speed-up is over the 1-rank job of the same run."""
+    on_cuda = torch.device(args.device).type == "cuda"
+    gpus = torch.cuda.device_count() if on_cuda else os.cpu_count()
+    lines = [header(args.device), f"{described(args, args.checkpoint_path or args.model_name)}, tensor parallel",
+             f"{'ranks':>5}  {'tok/s':>8}  {'speed-up':>8}  {'GB/s per rank':>13}  {'peak GB per rank':>16}"]
+    one = None
+    for n in [n for n in (1, 2, 4, 8) if n <= gpus]:
+        r = torchrun_decode(n, args.flags)
+        if isinstance(r, str):
+            lines.append(f"{n:>5}  {r}")
+            continue
+        one = one or (r["tok_s"] if n == 1 else None)
+        speed_up = f"{r['tok_s'] / one:.2f}x" if one else "-"
+        lines.append(f"{n:>5}  {r['tok_s']:>8.1f}  {speed_up:>8}  {r['weight_gb_s']:>13.1f}  {r['memory_gb']:>16.2f}")
+    if gpus < 8:
+        lines.append(f"({gpus} {'GPUs' if on_cuda else 'CPU cores'} here: more ranks need a machine with more)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# speculative and medusa: plain decoding against another decoder, through `compare`.
+
+def draft_pairs(args, target):
+    """(name, target, draft): the --draft_checkpoint_path model; an int4 (group 32) copy of an unquantized target, as
+    gpt-fast shows; an any-precision target (the checkpoint, or a copy of random weights) drafting with its own
+    weights at --draft_precision bits."""
+    if args.draft_checkpoint_path is not None:
+        dtype = getattr(torch, args.dtype)
+        draft = speculative.load_draft(target, args.draft_checkpoint_path, None, args.device, dtype)
+        yield f"{args.draft_checkpoint_path.parent.name} drafts", target, draft
+    if isinstance(target.layers[0].attention.wqkv, nn.Linear):  # not quantized already
+        yield "int4 g32 copy drafts", target, quantize.quantize_model(uncached_copy(target), "int4", 32)
+    is_anyprec = isinstance(target.layers[0].attention.wqkv, anyprec.AnyPrecLinear)
+    if is_anyprec or args.checkpoint_path is None:  # its own weights at fewer bits draft for it
+        target = target if is_anyprec else anyprec_copy(target)
+        draft = speculative.load_draft(target, None, args.draft_precision)
+        yield f"{args.draft_precision}-bit self drafts", target, draft
+
+
+def speculative_bench(args) -> str:
+    target, what = load_or_random(args)
+    prompts = bench_prompts(args, target.config.vocab_size)
+    lines = [header(args.device), f"target {described(args, what)}, speculate_k {args.speculate_k}",
+             f"{'draft':>24}  {'plain tok/s':>11}  {'spec. tok/s':>11}  {'ratio':>6}  {'tokens/fwd':>10}  "
+             f"accepted drafts"]
+    for name, pair_target, draft in draft_pairs(args, target):
+        torch._dynamo.reset()  # each pair compiles its own graphs
+        decoder = speculative.decoder(pair_target, draft, args.speculate_k, args.temperature, compile=args.compile)
+        r = compare(args, pair_target, prompts, decoder)
+        lines.append(f"{name:>24}  {r['plain']:>11.1f}  {r['tok_s']:>11.1f}  {r['ratio']:>5.2f}x  "
+                     f"{r['tokens_per_step']:>10.2f}  {r['histogram']}")
+    return "\n".join(lines)
+
+
+def medusa_bench(args) -> str:
+    """Heads: --medusa_heads, else medusa_heads.safetensors beside the checkpoint, else zero-initialised heads (they
+    propose the model's own next token) on mc_sim_7b_63, to measure the tree's overhead."""
+    model, what = load_or_random(args)
+    beside = args.checkpoint_path and args.checkpoint_path.parent / "medusa_heads.safetensors"
+    if args.medusa_heads or (beside and beside.is_file()):
+        heads, tree = medusa.load(args.medusa_heads or beside, model, args.medusa_tree)
     else:
-        heads = medusa.MedusaHeads(model.config.dim, 4).to(args.device, model.output.weight.dtype)
-        kwargs = dict(heads=heads, tree=medusa.build_tree(medusa.MC_SIM_7B_63, 4, args.device))
+        heads = medusa.MedusaHeads(model.config.dim, 4).to(args.device, model.tok_embeddings.weight.dtype)
+        tree = medusa.load_tree(args.medusa_tree, {}, 4, args.device)
     prompts = bench_prompts(args, model.config.vocab_size)
-    plain_fns, medusa_fns = compile_fns(args.compile, False), medusa.compile_fns(args.compile, False)
-    runs_of = {
-        "plain": lambda: generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
-                                  prefill_fn=plain_fns[0], decode_fn=plain_fns[1]),
-        "medusa": lambda: medusa.generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
-                                          prefill_fn=medusa_fns[0], decode_fn=medusa_fns[1], **kwargs),
-    }
-    tok_s, step_s = {}, {}
-    for name, run in runs_of.items():
-        run()  # warm-up (compiles)
-        stats = [run()[1] for _ in range(args.runs)]
-        tok_s[name] = statistics.median(s.get("decode_tokens", s["decode_steps"] * len(prompts)) / s["decode_time"]
-                                        for s in stats)
-        step_s[name] = statistics.median(s["decode_time"] / s["decode_steps"] for s in stats)
-    mean, histogram = acceptance_summary([sum(c) for c in zip(*(s["accepted"] for s in stats))])  # Medusa's runs
-    tree = kwargs["tree"]
-    rows = [
-        ("model", f"{what} ({args.dtype}, batch {len(prompts)}, {'compiled' if args.compile else 'eager'}, "
-                  f"temperature {args.temperature}, {args.max_new_tokens} new tokens)"),
-        ("medusa", f"{len(kwargs['heads'].blocks)} heads, tree of {tree.parent.numel()} nodes, depth {tree.num_heads}"),
-        ("plain decode", f"{tok_s['plain']:.1f} tok/s"),
-        ("medusa decode", f"{tok_s['medusa']:.1f} tok/s"),
-        ("speed-up", f"{tok_s['medusa'] / tok_s['plain']:.2f}x"),
-        ("tokens per forward", f"{mean:.2f} (accepted candidates: {histogram})"),
-        ("step time", f"{step_s['medusa'] / step_s['plain']:.2f}x a plain decode step"),
-    ]
+    r = compare(args, model, prompts, medusa.decoder(model, heads, tree, args.temperature, compile=args.compile))
+    rows = [("model", described(args, what)),
+            ("medusa", f"{len(heads.blocks)} heads, tree of {tree.parent.numel()} nodes, depth {tree.num_heads}"),
+            ("plain decode", f"{r['plain']:.1f} tok/s"),
+            ("medusa decode", f"{r['tok_s']:.1f} tok/s"),
+            ("speed-up", f"{r['ratio']:.2f}x"),
+            ("tokens per forward", f"{r['tokens_per_step']:.2f} (accepted candidates: {r['histogram']})"),
+            ("step time", f"{r['step_ratio']:.2f}x a plain decode step")]
+    for mode in args.mode:  # quantized copies, the same heads and tree: their Medusa step over this model's
+        copy = quantize.quantize_model(uncached_copy(model), mode, args.groupsize)
+        q = compare(args, copy, prompts, medusa.decoder(copy, heads, tree, args.temperature, compile=args.compile))
+        name = mode if mode == "int8" else f"{mode} g{args.groupsize}"
+        rows.append((f"{name} medusa", f"{q['step_s'] / r['step_s']:.2f}x the Medusa step above "
+                     f"({q['tok_s']:.1f} tok/s; {q['step_ratio']:.2f}x its plain step)"))
+        del copy
     return "\n".join([header(args.device)] + [f"{name:>20}: {value}" for name, value in rows])
 
 
-def quantized_copy(model, mode: str, groupsize: int):
-    """A quantized copy of `model`, made on its device as quantize.py would write it (int4-gptq calibrates on random
-    tokens: enough to time it, its storage and kernels being int4's)."""
-    from quantize import quantize_model
-    if mode == "anyprec":  # random codes and tables: decode speed does not depend on their values
-        return random_anyprec_model(model.config, model.output.weight.device, model.output.weight.dtype)
-    seq_len = min(256, model.config.block_size)
-    windows = torch.randint(0, model.config.vocab_size, (8, seq_len)) if mode == "int4-gptq" else None
-    return quantize_model(deepcopy(model), mode, groupsize, windows)
-
-
-def quantized_report(args, model, what) -> str:
-    """The model as loaded, then each quantized --mode, decoded in one run: tok/s, weight bytes read per second, their
-    fraction of the copy bandwidth measured in the same run, and the speed-up over the unquantized model."""
-    copy = copy_bandwidth(args.device)
-    lines = [header(args.device), f"{what}, batch {args.batch_size}, {'compiled' if args.compile else 'eager'}, "
-             f"{args.max_new_tokens} new tokens; copy bandwidth {copy / 1e9:.1f} GB/s (read + written)",
-             f"{'mode':>14}  {'weights GB':>10}  {'tok/s':>7}  {'weights GB/s':>12}  {'of copy':>7}  {'speed-up':>8}"]
-    base = None
-    for mode in [args.dtype] + [m for m in args.mode if m != "bf16"]:
-        torch._dynamo.reset()  # each model compiles its own graphs
-        quantized = model if mode == args.dtype else quantized_copy(model, mode, args.groupsize)
-        for precision in args.precision if mode == "anyprec" else [None]:  # one any-precision copy, every width
-            if precision is not None:
-                anyprec.set_precision(quantized, precision)  # one more compiled graph (and CUDA graph) each
-            r = decode_speed(quantized, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             compile=args.compile, runs=args.runs)
-            base = base or r["tok_s"]
-            name = (mode if mode in (args.dtype, "int8") else f"anyprec {precision}-bit" if precision
-                    else f"{mode} g{args.groupsize}")
-            lines.append(f"{name:>14}  {weight_bytes(quantized) / 1e9:>10.2f}  {r['tok_s']:>7.1f}  "
-                         f"{r['weight_gb_s']:>12.1f}  {r['weight_gb_s'] * 1e9 / copy:>7.1%}  "
-                         f"{r['tok_s'] / base:>7.2f}x")
-        del quantized
-    return "\n".join(lines)
-
+# ---------------------------------------------------------------------------------------------------------------
+# kernels: GPU micro-benchmark of every GEMV on a model's layer shapes.
 
 def time_per_call(fn, args_list: list, repeats: int = 20) -> float:
     """Median seconds per fn(*args), from CUDA-graph replays of one call per entry of args_list: the entries hold
@@ -282,23 +326,27 @@ def time_per_call(fn, args_list: list, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def kernel_candidates(groupsize: int) -> list:
-    """(name, make(w bf16 [N, K]) -> weight tensors, run(x, *tensors)) for every kernel --kernels times. A new
-    kernel is one more entry."""
-    import quantize
+def kernel_candidates(groupsize: int, tokens: int) -> list:
+    """(name, make(w bf16 [N, K]) -> weight tensors, run(x, *tensors)) for every kernel timed at `tokens` tokens. A new
+    kernel is one more entry. quantize's ops run the kernel quantize.linear_kernel picks (named), with the counters a
+    module keeps for its tensor-core kernel."""
+    def locked(quantizer):
+        return lambda w: [*quantizer(w), quantize.mma_locks(w.shape[0], w.device)]
     return [
-        ("int8 gemv", quantize.quantize_int8, torch.ops.quantize.int8_linear),
-        (f"int4 gemv g{groupsize}", lambda w: quantize.quantize_int4(w, groupsize), torch.ops.quantize.int4_linear),
+        (f"int8 {quantize.linear_kernel(tokens, False)}", locked(quantize.quantize_int8),
+         torch.ops.quantize.int8_linear),
+        (f"int4 {quantize.linear_kernel(tokens, True)} g{groupsize}",
+         locked(lambda w: quantize.quantize_int4(w, groupsize)), torch.ops.quantize.int4_linear),
     ] + [anyprec_candidate(p) for p in range(anyprec.MIN_BITS, anyprec.MAX_BITS + 1)]
 
 
 def anyprec_candidate(bits: int):
-    """The any-precision GEMV at `bits`: it reads `bits` random bitplanes and the fp16 table of that width (the
-    bytes timed are exactly those; the planes of wider widths are never read)."""
+    """The any-precision GEMV at `bits`, on random `bits`-bit codes (anyprec.pack) and an fp16 table of that width:
+    what one call reads at that precision."""
     def make(w):
-        N, K = w.shape
-        planes = torch.randint(-2**31, 2**31, (bits, N, anyprec.padded(K) // 32), dtype=torch.int32, device=w.device)
-        return [planes, (torch.randn(N, 2**bits, device=w.device) * 0.02).sort(dim=1).values.half()]
+        codes = torch.randint(0, 2**bits, w.shape, dtype=torch.uint8, device=w.device)
+        return [anyprec.pack(codes, bits), torch.randn(w.shape[0], 2**bits, device=w.device).mul(0.02).half()]
+
     def run(x, planes, lut):  # what AnyPrecLinear runs: the GEMV up to 8 tokens, else dequantize and matmul
         if x.shape[0] <= anyprec.GEMV_MAX_TOKENS:
             return torch.ops.anyprec.gemv(x, planes, lut, bits)
@@ -307,33 +355,42 @@ def anyprec_candidate(bits: int):
 
 
 def int4pack(w, groupsize: int) -> list:
-    """PyTorch's own int4 format (tinygemm) of the same codes, scales and zeros: w = (q - 8) * scale + zero too."""
-    from quantize import quantize_int4, unpack_int4
-    weight, scales_and_zeros = quantize_int4(w, groupsize)
-    codes = unpack_int4(weight)
+    """torch's own int4 format (tinygemm's, for _weight_int4pack_mm) of quantize_int4's codes, scales and zeros: the
+    same w = (q - 8) * scale + zero, in torch's layout (even k in the high nibble, tiled; scales [K/g, N, 2])."""
+    weight, scales_and_zeros = quantize.quantize_int4(w, groupsize)
+    codes = quantize.unpack_int4(weight)
     packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).contiguous(), 8)
-    return [packed, scales_and_zeros.transpose(0, 1).contiguous()]  # [K/g, N, 2]
+    return [packed, scales_and_zeros.transpose(0, 1).contiguous()]
 
 
-def kernels_report(args) -> str:
+def kernels_bench(args) -> str:
     """Every kernel against bf16 torch.matmul and torch.ops.aten._weight_int4pack_mm on each layer shape of
-    --model_name, at --batch_size tokens: time per call, weight GB/s, and how many times faster than each baseline."""
-    device, M, g = args.device, args.batch_size, args.groupsize
-    c = ModelArgs.from_name(args.model_name)
+    --model_names (default --model_name), at each of --tokens (default --batch_size), all in this one run: time per
+    call, weight GB/s, and how many times faster than each baseline."""
+    lines = [header(args.device)]
+    for model_name in args.model_names or [args.model_name]:
+        for tokens in args.tokens or [args.batch_size]:
+            lines += kernels_table(args, model_name, tokens)
+    return "\n".join(lines)
+
+
+def kernels_table(args, model_name: str, M: int) -> list:
+    device, g = args.device, args.groupsize
+    c = ModelArgs.from_name(model_name)
     shapes = {"wqkv": ((c.n_head + 2 * c.n_kv_heads) * c.head_dim, c.dim), "wo": (c.dim, c.n_head * c.head_dim),
               "w1, w3": (c.intermediate_size, c.dim), "w2": (c.dim, c.intermediate_size)}
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     baselines = [("bf16 matmul", lambda w: [w], lambda x, w: torch.matmul(x, w.t())),
                  (f"int4pack_mm g{g}", lambda w: int4pack(w, g),
                   lambda x, packed, sz: torch.ops.aten._weight_int4pack_mm(x, packed, g, sz))]
-    lines = [header(device), f"{args.model_name} layers, {M} token(s): time per call (CUDA-graph replay over weight "
-             f"copies larger than L2, median of 20), weight bytes read per second, speed-up over each baseline",
+    lines = [f"{model_name} layers, {M} token(s): time per call (CUDA-graph replay over weight copies larger than L2, "
+             f"median of 20), weight bytes read per second, speed-up over each baseline",
              f"{'layer':>7} {'N x K':>13}  {'kernel':>18}  {'us':>7}  {'GB/s':>7}  {'vs bf16':>7}  {'vs int4pack':>11}"]
     for layer, (N, K) in shapes.items():
         w = torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
         timings = {}  # name: (seconds per call, weight bytes)
-        for name, make, run in baselines + kernel_candidates(g):
+        for name, make, run in baselines + kernel_candidates(g, M):
             tensors = make(w)
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
             copies = [tensors] + [[t.clone() for t in tensors] for _ in range(4 * l2 // nbytes)]
@@ -341,124 +398,67 @@ def kernels_report(args) -> str:
             del copies
         (bf16, _), (int4pack_mm, _) = timings[baselines[0][0]], timings[baselines[1][0]]
         for name, (seconds, nbytes) in timings.items():
-            lines.append(f"{layer:>7} {f'{N} x {K}':>13}  {name:>18}  {seconds * 1e6:>7.1f}  {nbytes / seconds / 1e9:>7.0f}  "
-                         f"{bf16 / seconds:>6.2f}x  {int4pack_mm / seconds:>10.2f}x")
-    return "\n".join(lines)
+            lines.append(f"{layer:>7} {f'{N} x {K}':>13}  {name:>18}  {seconds * 1e6:>7.1f}  "
+                         f"{nbytes / seconds / 1e9:>7.0f}  {bf16 / seconds:>6.2f}x  {int4pack_mm / seconds:>10.2f}x")
+    return lines
 
 
-def tp_report(args, argv: list) -> str:
-    """tok/s at 1, 2, 4 and 8 ranks, as many as there are GPUs here: each a torchrun job of this script with the same
-    arguments, one after the other; the speed-up is against the 1-rank job of the same run."""
-    gpus = torch.cuda.device_count() if torch.device(args.device).type == "cuda" else os.cpu_count()
-    what = args.checkpoint_path or args.model_name
-    lines = [header(args.device), f"{what} ({args.dtype}, batch {args.batch_size}, "
-             f"{'compiled' if args.compile else 'eager'}, {args.max_new_tokens} new tokens), tensor parallel",
-             f"{'ranks':>5}  {'tok/s':>8}  {'speed-up':>8}  {'GB/s per rank':>13}  {'peak GB per rank':>16}"]
-    one = None
-    for n in [n for n in (1, 2, 4, 8) if n <= gpus]:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = Path(tmp) / "result.json"
-            torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-            job = subprocess.run([*torchrun, __file__, *[a for a in argv if a != "--tp"], "--json", str(result)],
-                                 capture_output=True, text=True)
-            if job.returncode != 0:
-                errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
-                lines.append(f"{n:>5}  {errors[0] if errors else 'failed: ' + job.stderr.strip()[-300:]}")
-                continue
-            r = json.loads(result.read_text())
-        one = one or (r["tok_s"] if n == 1 else None)
-        speed_up = f"{r['tok_s'] / one:.2f}x" if one else "-"
-        lines.append(f"{n:>5}  {r['tok_s']:>8.1f}  {speed_up:>8}  {r['weight_gb_s']:>13.1f}  {r['memory_gb']:>16.2f}")
-    if gpus < 8:
-        lines.append(f"({gpus} {'GPUs' if torch.device(args.device).type == 'cuda' else 'CPU cores'} here: more ranks "
-                     f"need a machine with more)")
-    return "\n".join(lines)
-
-
-def header(device) -> str:
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-    return f"device {name} | torch {torch.__version__} | {datetime.date.today().isoformat()}"
-
+# ---------------------------------------------------------------------------------------------------------------
+# Command line.
 
 def parse_args(argv=None):
+    shape = argparse.ArgumentParser(add_help=False)  # what `kernels` needs
+    shape.add_argument("--model_name", default="Llama-2-7b-chat-hf", help="a name from model.py's registry")
+    shape.add_argument("--device", default=default_device())
+    shape.add_argument("--batch_size", type=int, default=1)
+    run = argparse.ArgumentParser(add_help=False, parents=[shape])  # what every decoding benchmark needs
+    run.add_argument("--checkpoint_path", type=Path, default=None, help="real weights instead of random ones")
+    run.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    run.add_argument("--max_new_tokens", type=int, default=200)
+    run.add_argument("--runs", type=int, default=3, help="timed runs after the warm-up; the median is reported")
+    run.add_argument("--compile", action="store_true")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default="Llama-2-7b-chat-hf", help="a name from model.py's registry")
-    p.add_argument("--checkpoint_path", type=Path, default=None, help="real weights instead of random ones")
-    p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--speculative", action="store_true", help="plain vs speculative decoding for each draft: "
-                   "--draft_checkpoint_path, an int4 copy of the target, any-precision self-speculation")
-    p.add_argument("--draft_checkpoint_path", type=Path, default=None)
-    p.add_argument("--speculate_k", type=int, default=5)
-    p.add_argument("--draft_precision", type=int, default=3, help="for --speculative: the any-precision pair's draft")
-    p.add_argument("--temperature", type=float, default=0.0, help="for --speculative and --medusa; 0 is greedy")
-    p.add_argument("--medusa", action="store_true", help="plain vs Medusa decoding")
-    p.add_argument("--mode", nargs="+", default=["bf16"], choices=["bf16", "int8", "int4", "int4-gptq", "anyprec"],
-                   help="quantized in memory (quantize.py's formats; anyprec: random any-precision weights), each "
-                   "decoded against the unquantized model")
-    p.add_argument("--precision", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8],
-                   help="for --mode anyprec: the widths decoded, one compiled graph each")
-    p.add_argument("--groupsize", type=int, default=128, help="for int4 --mode and --kernels")
-    p.add_argument("--kernels", action="store_true", help="kernel micro-benchmark on --model_name's layer shapes, "
-                   "batch --batch_size, against bf16 torch.matmul and torch.ops.aten._weight_int4pack_mm")
-    p.add_argument("--medusa_heads", type=Path, default=None,
-                   help="for --medusa (default: medusa_heads.safetensors beside --checkpoint_path)")
-    p.add_argument("--tp", action="store_true", help="tensor parallel: decode speed at 1, 2, 4, 8 ranks (torchrun), "
-                   "as many as there are GPUs")
-    p.add_argument("--json", type=Path, default=None, help="also write the decode figures to this file, as JSON")
+    commands = p.add_subparsers(dest="command", required=True)
+
+    def command(name, fn, parent, help):
+        q = commands.add_parser(name, parents=[parent], help=help)
+        q.set_defaults(fn=fn)
+        return q
+    decode = command("decode", decode_bench, run, "decode speed against the copy bandwidth, quantized copies too")
+    kernels = command("kernels", kernels_bench, shape, "every GEMV kernel against torch's on the model's layer shapes")
+    decode.add_argument("--mode", nargs="+", default=[], choices=[*quantize.MODES, "anyprec"],
+                        help="also quantized in memory (anyprec: one copy, each --precision)")
+    decode.add_argument("--precision", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8], help="for --mode anyprec")
+    decode.add_argument("--json", type=Path, default=None, help="also write the model's figures to this file")
+    for q in (decode, kernels):
+        q.add_argument("--groupsize", type=int, default=128, help="of int4")
+    kernels.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts, all in this run "
+                         "(default: --batch_size)")
+    kernels.add_argument("--model_names", nargs="+", default=None, help="models whose layer shapes to time, all in "
+                         "this run (default: --model_name)")
+    spec = command("speculative", speculative_bench, run, "plain vs speculative decoding, for each draft")
+    spec.add_argument("--draft_checkpoint_path", type=Path, default=None)
+    spec.add_argument("--speculate_k", type=int, default=5)
+    spec.add_argument("--draft_precision", type=int, default=3, help="the any-precision pair's draft width")
+    heads = command("medusa", medusa_bench, run, "plain vs Medusa decoding")
+    heads.add_argument("--medusa_heads", type=Path, default=None, help="default: beside --checkpoint_path")
+    heads.add_argument("--medusa_tree", default=None, help="mc_sim_7b_63 or a JSON file (default: the heads' tree)")
+    heads.add_argument("--mode", nargs="+", default=[], choices=["int8", "int4"],
+                       help="also copies quantized in memory, same heads and tree: their Medusa step time over this "
+                            "model's")
+    heads.add_argument("--groupsize", type=int, default=128, help="of int4")
+    command("tp", tp_bench, run, "decode at 1, 2, 4, 8 ranks (torchrun), as many as there are GPUs")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    if args.tp:
-        return print(tp_report(args, argv))
-    rank = maybe_init_dist(args.device)  # under torchrun (--tp): this rank's shard of every layer
-    if rank:
-        sys.stdout = open(os.devnull, "w")  # output on rank 0 only
+    args.flags = argv[1:]  # tp runs `decode` with the same flags
     torch.manual_seed(0)  # every rank alike: the same prompts, and the same tokens sampled
-    if args.kernels:
-        return print(kernels_report(args))
-    if args.checkpoint_path is not None:
-        model = load_model(args.checkpoint_path, args.device, dtype, tp=rank is not None)
-        what = str(args.checkpoint_path)
-    else:
-        config = ModelArgs.from_name(args.model_name)
-        model, what = random_model(config, args.device, dtype, tp=rank is not None), args.model_name
-    if args.speculative:
-        return print(speculative_report(args, model, what, dtype))
-    if args.mode != ["bf16"]:
-        return print(quantized_report(args, model, what))
-    if args.medusa:
-        return print(medusa_report(args, model, what))
-    copy = copy_bandwidth(args.device)
-    r = decode_speed(model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, compile=args.compile,
-                     runs=args.runs)
-    print(header(args.device))
-    rows = [
-        ("model", f"{what} ({args.dtype}, {weight_bytes(model) / 1e9:.2f} GB of weights, batch {args.batch_size}, "
-                  f"{'compiled' if args.compile else 'eager'})"),
-        ("decode", f"{r['tok_s']:.1f} tok/s"),
-        ("weights read", f"{r['weight_gb_s']:.1f} GB/s"),
-        ("copy bandwidth", f"{copy / 1e9:.1f} GB/s (read + written)"),
-        ("fraction of copy", f"{r['weight_gb_s'] * 1e9 / copy:.1%}"),
-        ("time to first token", f"{r['ttft_ms']:.1f} ms"),
-    ]
-    print("\n".join(f"{name:>20}: {value}" for name, value in rows))
-    if args.json is not None:
-        memory = peak_memory_gb(args.device) if rank is None else max_over_ranks(peak_memory_gb(args.device))
-        if not rank:
-            args.json.write_text(json.dumps(dict(r, memory_gb=memory)))
+    print(args.fn(args))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

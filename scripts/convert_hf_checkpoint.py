@@ -12,10 +12,12 @@ import os
 import sys
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import ModelArgs  # noqa: E402
+import cli  # noqa: E402
+from model import ModelArgs, atomic_write  # noqa: E402
 
 HF_TO_OURS = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -60,8 +62,7 @@ def load_hf_weights(folder: Path) -> dict:
     weights = {}
     for f in files:
         if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            weights.update(load_file(f))
+            weights.update(safetensors.torch.load_file(f))
         else:
             weights.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
     return weights
@@ -107,19 +108,14 @@ def main(argv=None):
         raise ValueError(f"{hf_config_path} is not a Hugging Face config (already converted?)")
     config = model_args_from_hf(hf_config)
     state = convert(load_hf_weights(folder), config)
-    # Write under temporary names and rename when complete, so an interrupted run leaves nothing half-written.
-    tmp = folder / "model.pth.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / "model.pth")
+    # Each file complete under its final name or not there: an interrupted run leaves nothing half-written.
+    with atomic_write(folder / "model.pth") as f:
+        torch.save(state, f)
     if hf_config_path.name == "config.json":
         os.replace(hf_config_path, folder / "hf_config.json")
-    config.save(folder / "config.json.tmp")
-    os.replace(folder / "config.json.tmp", folder / "config.json")
+    config.save(folder / "config.json")
     print(f"wrote {folder / 'model.pth'} and {folder / 'config.json'}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

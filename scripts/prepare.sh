@@ -7,5 +7,7 @@ if [ $# -ne 1 ]; then
   exit 2
 fi
 cd "$(dirname "$0")/.."
-python scripts/download.py --repo_id "$1"
-python scripts/convert_hf_checkpoint.py --checkpoint_dir "checkpoints/$1"
+# The interpreter of the environment this runs in (an activated venv's, or $PYTHON), never a bare `python`.
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+"$PYTHON" scripts/download.py --repo_id "$1"
+"$PYTHON" scripts/convert_hf_checkpoint.py --checkpoint_dir "checkpoints/$1"

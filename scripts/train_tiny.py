@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from eval import encode_documents, perplexity, stdlib_texts  # noqa: E402
 from generate import load_model  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from model import ModelArgs, Transformer, atomic_write  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 MODELS = {
@@ -61,9 +61,8 @@ def train_tokenizer(texts: list[str], path: Path, vocab_size: int = 4096):
 
 
 def write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def init_weights(model: Transformer, config: ModelArgs):

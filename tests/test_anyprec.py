@@ -17,7 +17,7 @@ from anyprec import (AnyPrecLinear, at_precision, dequantize, fisher_diag, kmean
                      quantize_linear, quantize_state, set_precision, unpack)
 from eval import calibration_windows, encode_documents, perplexity, stdlib_texts
 from generate import load_model
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, linear_names
 from nvcc import compile_cuda, kernel_report, needs_nvcc
 from tokenizer import load_tokenizer
 
@@ -34,16 +34,19 @@ DIRECT_WIDTHS = (3, 4, 5, 6)
 # ---------------------------------------------------------------------------------------------------------------
 # Layout.
 
-def layout_position(k: int, Kp: int):
-    """Where weight k of a row lives, from the note's description of the layout: (word, bit)."""
-    chunk, offset = divmod(k, 1024)
-    stride = 256 if chunk < Kp // 1024 else 8 * (Kp % 1024 // 32)  # a final partial chunk of T words: 8T
-    L, rest = divmod(offset, stride)
-    t, b = divmod(rest, 8)
-    return 32 * chunk + t, 31 - 8 * L - b
+def layout_position(k: int, Kp: int, plane: int = 0):
+    """Where weight k of a row lives in a plane, from anyprec.py's description of layout 2: (word, bit)."""
+    chunks = Kp // 512
+    if k < 512 * chunks:  # chunk c, word 4t + i: k = 512c + 128i + 32s + 8t + 2f + h
+        c, i, s, t, f, h = k // 512, k // 128 % 4, k // 32 % 4, k // 8 % 4, k // 2 % 4, k % 2
+        word = 16 * c + 4 * t + i
+    else:  # final group w, word 4w + t: k = 512C + 128w + 32s + 8t + 2f + h
+        w, s, t, f, h = (k - 512 * chunks) // 128, k // 32 % 4, k // 8 % 4, k // 2 % 4, k % 2
+        word = 16 * chunks + 4 * w + t
+    return word, (8 * f + s + 4 * h + plane) % 32
 
 
-@pytest.mark.parametrize("K", [32, 96, 100, 1024, 1056, 4096, 11008])
+@pytest.mark.parametrize("K", [32, 96, 100, 1024, 1056, 2400, 4096, 11008])
 def test_pack_round_trips_in_the_kernels_layout(K):
     N = 3
     codes = torch.randint(0, 256, (N, K), dtype=torch.uint8)
@@ -52,13 +55,23 @@ def test_pack_round_trips_in_the_kernels_layout(K):
     for p in range(1, 9):
         assert torch.equal(unpack(qweight, p, K), codes >> (8 - p))
         assert torch.equal(pack(codes >> (8 - p), p), qweight[:p])  # precision p is the top p planes
-    for k in sorted({0, 7, 8, 255, 256, 1023, 1024, 2047, K // 2, K - 1} & set(range(K))):
+    for k in sorted({0, 1, 7, 8, 33, 127, 255, 256, 1023, 1024, 2047, K // 2, K - 1} & set(range(K))):
         one = torch.zeros(1, K, dtype=torch.uint8)
-        one[0, k] = 1
-        words = pack(one, 1)[0, 0]
-        word, bit = layout_position(k, padded(K))
-        assert words.nonzero().flatten().tolist() == [word]
-        assert int(words[word]) & 0xFFFFFFFF == 1 << bit
+        one[0, k] = 5  # planes 0 and 2 of 3
+        for plane, words in zip(range(3), pack(one, 3)[:, 0]):
+            if plane == 1:
+                assert not words.any()
+                continue
+            word, bit = layout_position(k, padded(K), plane)
+            assert words.nonzero().flatten().tolist() == [word]
+            assert int(words[word]) & 0xFFFFFFFF == 1 << bit
+
+
+def test_a_file_of_another_layout_names_the_fix():
+    entry = {"mode": "anyprec", "seed_precision": 3, "parent_precision": 8, "layout": 1}
+    with pytest.raises(ValueError, match="bitplane layout 1 .* layout 2: re-quantize with python anyprec.py"):
+        anyprec.file_precisions(entry)
+    assert anyprec.file_precisions({**entry, "layout": anyprec.LAYOUT}) == [3, 4, 5, 6, 7, 8]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,18 +175,19 @@ def tiny(tmp_path_factory):
         shutil.copy(TINY.parent / name, folder / name)
     calibration = folder / "calibration.txt"
     calibration.write_text("\n".join(stdlib_texts("train")[:40]))
-    kwargs = dict(calibration_file=calibration, calibration_samples=16, calibration_seq_len=256, progress=False)
-    path, errors = quantize(folder / "model.pth", **kwargs)
     tokenizer = load_tokenizer(folder)
     windows = calibration_windows(tokenizer, 16, 256, calibration)
     fisher = fisher_diag(load_model(folder / "model.pth", "cpu", torch.float32), windows, progress=False)
-    return SimpleNamespace(folder=folder, path=path, errors=errors, kwargs=kwargs, fisher=fisher,
+    path, errors = quantize(folder / "model.pth", fisher, progress=False)
+    flags = ["--calibration_file", str(calibration), "--calibration_samples", "16", "--calibration_seq_len", "256",
+             "--device", "cpu"]
+    return SimpleNamespace(folder=folder, path=path, errors=errors, flags=flags, fisher=fisher,
                            tokenizer=tokenizer, state=torch.load(folder / "model.pth", weights_only=True))
 
 
 def test_file_layout_and_every_layer_error_falls_with_every_bit(tiny):
     state = torch.load(tiny.path, weights_only=True, mmap=True)
-    assert state["quantization"] == {"mode": "anyprec", "seed_precision": 3, "parent_precision": 8, "layout": 1}
+    assert state["quantization"] == {"mode": "anyprec", "seed_precision": 3, "parent_precision": 8, "layout": 2}
     names = sorted(tiny.fisher)
     assert len(names) == 5 * 5 and all(f"{n}.weight" not in state for n in names)
     for name in names:
@@ -191,9 +205,9 @@ def test_file_layout_and_every_layer_error_falls_with_every_bit(tiny):
 def test_quantizing_twice_writes_identical_files(tiny, tmp_path):
     for name in ("model.pth", "config.json", "tokenizer.model"):
         shutil.copy(tiny.folder / name, tmp_path / name)
-    again, _ = quantize(tmp_path / "model.pth", **tiny.kwargs)
+    again = anyprec.main(["--checkpoint_path", str(tmp_path / "model.pth"), *tiny.flags])  # calibrated afresh
     assert again.name == "model_anyprec.3-8.pth" and again.read_bytes() == tiny.path.read_bytes()
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob(".*.partial"))
 
 
 def dequantized_model(tiny, precision):
@@ -262,7 +276,7 @@ def test_clear_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="not an any-precision model"):
         set_precision(load_model(tiny.folder / "model.pth", "cpu"), 4)
     with pytest.raises(ValueError, match="already quantized"):
-        quantize(tiny.path, **tiny.kwargs)
+        quantize(tiny.path, tiny.fisher)
     with pytest.raises(ValueError, match="seed_precision"):
         quantize_state(tiny.state, tiny.fisher, 2, 8)
     r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(tiny.path),
@@ -333,7 +347,7 @@ def test_footprint_on_llama2_7b_is_within_10_percent_of_one_8bit_model():
     the paper compares; against per-channel int8 (a byte and one scale a row) the figure is +19.6% (README)."""
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_name("Llama-2-7b-hf"))
-    linears = {name: m for name, m in model.named_modules() if name.endswith(anyprec.QUANTIZED)}
+    linears = {name: model.get_submodule(name) for name in linear_names(model, include_output=False)}
     # Embeddings, output and norms stay bf16 in every variant (fp32 here only because meta tensors default to it).
     kept = sum(t.numel() * 2 for name, t in model.state_dict().items() if name.rpartition(".")[0] not in linears)
     eight_bit = kept + sum(m.weight.numel() + m.out_features * 256 * 2 for m in linears.values())
@@ -355,7 +369,7 @@ def test_cuda_source_compiles_without_spills():
     report = kernel_report("\n".join(logs))
     gemv = {k: r for k, r in report.items() if "anyprec_gemv_kernel" in k[0]}
     dequant = {k: r for k, r in report.items() if "anyprec_dequant_kernel" in k[0]}
-    assert len(gemv) == 6 * 4 * 2 and len(dequant) == 6 * 2  # every width, token bucket and architecture
+    assert len(gemv) == 6 * 2 * 2 and len(dequant) == 6 * 2 * 2  # every width, dtype and architecture
     for (kernel, arch), r in {**gemv, **dequant}.items():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (kernel, arch, r)
 
@@ -371,66 +385,7 @@ def test_ops_have_shapes_for_torch_compile():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# On a GPU: the kernels against the PyTorch path.
-
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (100, 96), (37, 1056), (64, 100)]
-
-
-def random_planes(N, K, device="cuda"):
-    codes = torch.randint(0, 256, (N, K), dtype=torch.uint8, device=device)
-    luts = {p: (torch.randn(N, 2**p, device=device) * 0.02).sort(dim=1).values.half() for p in range(3, 9)}
-    return pack(codes, 8), luts
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("N,K", SHAPES)
-def test_gemv_equals_the_dequantised_matmul(N, K):
-    qweight, luts = random_planes(N, K)
-    for p in range(3, 9):
-        weight = dequantize(qweight, luts[p], p, K).float()
-        for tokens in (1, 2, 3, 8):
-            for dtype in (torch.bfloat16, torch.float16):
-                x = torch.randn(tokens, K, device="cuda").to(dtype)
-                reference = x.float() @ weight.T
-                out = torch.full((tokens, N), float("nan"), dtype=dtype, device="cuda")
-                anyprec.gemv_into(F.pad(x, (0, padded(K) - K)), qweight, luts[p], p, out)
-                error = (out.float() - reference).norm() / reference.norm()
-                assert error < 3e-3, (p, tokens, dtype, error.item())
-                assert torch.equal(torch.ops.anyprec.gemv(x, qweight, luts[p], p), out)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (100, 96), (37, 1056)])
-def test_dequant_is_bit_exact(N, K):
-    qweight, luts = random_planes(N, K)
-    for p in range(3, 9):
-        for dtype in (torch.bfloat16, torch.float16):
-            out = torch.full((N, padded(K)), float("nan"), dtype=dtype, device="cuda")
-            anyprec.dequant_into(qweight, luts[p], p, out)
-            assert torch.equal(out[:, :K], dequantize(qweight, luts[p], p, K).to(dtype))
-
-
-@pytest.mark.cuda
-def test_kernels_replay_inside_a_cuda_graph():
-    qweight, luts = random_planes(4096, 4096)
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture
-        torch.ops.anyprec.gemv(x, qweight, luts[3], 3)
-        torch.ops.anyprec.dequant(qweight, luts[8], 8, torch.bfloat16)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = torch.ops.anyprec.gemv(x, qweight, luts[3], 3)
-        w = torch.ops.anyprec.dequant(qweight, luts[8], 8, torch.bfloat16)
-    x.copy_(torch.randn_like(x))
-    y.zero_(), w.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, torch.ops.anyprec.gemv(x, qweight, luts[3], 3))
-    assert torch.equal(w, torch.ops.anyprec.dequant(qweight, luts[8], 8, torch.bfloat16))
-
+# On a GPU: the tiny model (the kernels against the PyTorch path: test_anyprec_kernels.py).
 
 @pytest.mark.cuda
 def test_tiny_model_on_cuda_matches_cpu_and_compiles_one_graph_per_width(tiny):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import (TextStream, compile_fns, generate, load_model, logits_to_probs, sample_from, weight_bytes)
+from generate import TextStream, generate, load_model, logits_to_probs, plain_decoder, sample_from, weight_bytes
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +48,10 @@ def test_stops_at_any_stop_id(model):
     prompt = prompts_of([5])
     full, _ = generate(model, prompt, 30, temperature=0.0)
     stop = full[0][7]
-    cut, stats = generate(model, prompt, 30, temperature=0.0, stop_ids={stop, 10_000})
-    assert cut[0] == full[0][: full[0].index(stop)]
+    streamed = []
+    cut, stats = generate(model, prompt, 30, temperature=0.0, stop_ids={stop, 10_000},
+                          on_tokens=lambda new: streamed.extend(new[0]))
+    assert cut[0] == full[0][: full[0].index(stop)] == streamed  # the stop id is neither returned nor streamed
     assert stats["decode_steps"] == full[0].index(stop)  # and it stopped decoding there
 
 
@@ -115,23 +117,25 @@ def test_stream_prints_exactly_the_decoded_reply(capsys, sp_model_file):
     prompt = tok.encode("def f(x):", bos=True)
     reply = tok.encode("\n    return 'héllo wörld'  # ünïcode\n")
     stream = TextStream(tok, prompt)
-    for i, t in enumerate(reply + [tok.eos_id, 5, 6]):
-        stream(i, [t])
+    for t in reply:
+        stream([[t]])
     assert capsys.readouterr().out == tok.decode(prompt + reply)[len(tok.decode(prompt)):]
 
 
 def test_compiled_decode_never_recompiles(model):
     """The decode step is compiled once per sampling setting; other prompts, lengths and positions reuse it."""
     torch._dynamo.reset()
-    prefill_fn, decode_fn = compile_fns(True, False)
     model.setup_caches(2, 64)
+
+    def compiled(temperature, **kwargs):
+        return plain_decoder(model, temperature, compile=True, **kwargs)
     eager, _ = generate(model, prompts_of([5, 9]), 12, temperature=0.0)
-    compiled, _ = generate(model, prompts_of([5, 9]), 12, temperature=0.0, decode_fn=decode_fn)
-    assert compiled == eager
-    generate(model, prompts_of([5, 9]), 4, temperature=0.8, top_k=50, decode_fn=decode_fn)
+    out, _ = generate(model, prompts_of([5, 9]), 12, decoder=compiled(0.0))
+    assert out == eager
+    generate(model, prompts_of([5, 9]), 4, decoder=compiled(0.8, top_k=50))
     with torch.compiler.set_stance("fail_on_recompile"):
-        generate(model, prompts_of([13, 2], seed=1), 20, temperature=0.0, decode_fn=decode_fn)
-        generate(model, prompts_of([7, 30], seed=2), 20, temperature=0.8, top_k=50, decode_fn=decode_fn)
+        generate(model, prompts_of([13, 2], seed=1), 20, decoder=compiled(0.0))
+        generate(model, prompts_of([7, 30], seed=2), 20, decoder=compiled(0.8, top_k=50))
 
 
 def run_cli(*args):

@@ -21,6 +21,13 @@ def tokens_per_step(stats):
     return sum((n + 1) * c for n, c in enumerate(stats["accepted"])) / sum(stats["accepted"])
 
 
+def medusa_generate(model, prompts, max_new_tokens, *, heads, tree, temperature=0.0, top_k=None, top_p=None,
+                    compile=False, **kwargs):
+    """The one decode loop with Medusa decoding."""
+    decoder = medusa.decoder(model, heads, tree, temperature, top_k, top_p, compile=compile)
+    return generate(model, prompts, max_new_tokens, decoder=decoder, **kwargs)
+
+
 def random_model(config=CONFIG, seed=1):
     torch.manual_seed(seed)
     return Transformer(config).eval()  # default init: varied, confident predictions
@@ -104,7 +111,7 @@ def test_tree_attention_equals_a_causal_forward_of_each_path(sliding_window):
     model.setup_caches(2, 48)
     model.hidden(tokens, torch.arange(tokens.shape[1]))  # prefill; row 0's padding is in slots 5..8
     nodes = torch.randint(0, 64, (2, tree.parent.numel()))
-    logits = model.output(medusa.verify(model, tree, nodes, L))
+    logits = model.output(medusa.tree_hidden(model, tree, nodes, L))
     for b in range(2):
         for i in range(tree.parent.numel()):
             path = tree.anc[i, : tree.depth[i] + 1]
@@ -164,10 +171,10 @@ def test_greedy_output_is_the_plain_greedy_output(random):
     heads = random_heads(CONFIG.dim, 3) if random else medusa.MedusaHeads(CONFIG.dim, 3)
     prompts = prompts_of([3, 11, 6])
     plain, _ = generate(copy.deepcopy(model), prompts, 40, temperature=0.0)
-    ours, stats = medusa.generate(model, prompts, 40, heads=heads, tree=medusa.build_tree(TERNARY, 3))
+    ours, stats = medusa_generate(model, prompts, 40, heads=heads, tree=medusa.build_tree(TERNARY, 3))
     assert ours == plain and stats["new_tokens"] == 120
     stop = plain[1][7]
-    cut, _ = medusa.generate(model, prompts, 40, heads=heads, tree=medusa.build_tree(TERNARY, 3), stop_ids={stop})
+    cut, _ = medusa_generate(model, prompts, 40, heads=heads, tree=medusa.build_tree(TERNARY, 3), stop_ids={stop})
     assert cut == [row[: row.index(stop)] if stop in row else row for row in plain]
 
 
@@ -188,7 +195,8 @@ def test_trained_heads_are_exact_and_accept_at_least_two_tokens_per_step():
     prompts = heldout_prompts(load_tokenizer(TINY.parent))
     plain, _ = generate(model, prompts, 64, temperature=0.0)
     # Rows end at different steps, some past max_new_tokens, while the cache is exactly as long as generate needs.
-    ours, stats = medusa.generate(model, prompts, 64, **medusa.load(TINY_HEADS, model))
+    heads, tree = medusa.load(TINY_HEADS, model)
+    ours, stats = medusa_generate(model, prompts, 64, heads=heads, tree=tree)
     assert ours == plain
     assert tokens_per_step(stats) >= 2.0, stats
 
@@ -221,7 +229,7 @@ def test_sampling_draws_exactly_from_the_base_model():
     joint = (p1[:, None, None] * p2[:, :, None] * p3.view(16, 16, 16)).flatten().double()
     tree = medusa.build_tree([[r] for r in range(16)] + [[r, s] for r in range(16) for s in range(2)], num_heads=2)
     N = 8192
-    rows, stats = medusa.generate(model, [prompt] * N, 3, heads=random_heads(32, 2), tree=tree, **sampling)
+    rows, stats = medusa_generate(model, [prompt] * N, 3, heads=random_heads(32, 2), tree=tree, **sampling)
     assert stats["decode_steps"] == 1 and stats["accepted"][0] == 0 and stats["accepted"][2] > 500
     cells = torch.tensor([256 * a + 16 * b + c for a, b, c in rows])
     observed = torch.bincount(cells, minlength=4096).double()
@@ -230,7 +238,7 @@ def test_sampling_draws_exactly_from_the_base_model():
 
 # M6 -------------------------------------------------------------------------------------------------------------
 
-TYPICAL = (0.09, 0.3)
+TYPICAL = medusa.TYPICAL  # the paper's epsilon and delta
 
 
 def typical_case(root_probs, child_probs):
@@ -289,7 +297,7 @@ def test_heads_round_trip_and_the_reference_layout(tmp_path):
     loaded, config = medusa.load_heads(tmp_path / "h.safetensors", model)
     h = torch.randn(2, CONFIG.dim)
     torch.testing.assert_close(loaded(h, model.output), heads.to(torch.bfloat16).float()(h, model.output))
-    assert medusa.load(tmp_path / "h.safetensors", model)["tree"].choices == [[0], [1], [0, 0]]
+    assert medusa.load(tmp_path / "h.safetensors", model)[1].choices == [[0], [1], [0, 0]]
     # FasterDecoding/Medusa v1: `{k}.{layer}.linear.*` blocks and each head's own projection `{k}.{layers}.weight`.
     reference = {}
     for k in range(3):
@@ -344,30 +352,31 @@ def test_generate_cli_streams_the_plain_greedy_text(capsys):
     ours = capsys.readouterr().out
     text = lambda out: out[: out.index("time to first token")].rstrip()  # noqa: E731
     assert text(ours) == text(plain) and "tokens per forward" in ours and "tokens per forward" not in plain
-    with pytest.raises(ValueError, match="pick one"):
+    with pytest.raises(SystemExit):
         generate_module.main(argv + ["--medusa_heads", str(TINY_HEADS), "--draft_checkpoint_path", str(TINY)])
+    assert "pick one" in capsys.readouterr().err
 
 
 def test_bench_medusa_runs_on_cpu(capsys):
     import bench
-    bench.main(["--checkpoint_path", str(TINY), "--medusa", "--max_new_tokens", "32", "--runs", "1",
+    bench.main(["medusa", "--checkpoint_path", str(TINY), "--max_new_tokens", "32", "--runs", "1",
                 "--device", "cpu", "--dtype", "float32"])
     out = capsys.readouterr().out
     for field in ["plain decode", "medusa decode", "speed-up", "tokens per forward", "step time"]:
         assert field in out
 
 
-def test_the_step_is_one_graph_that_never_recompiles():
+def test_the_step_is_one_graph_that_never_recompiles(monkeypatch):
     """fullgraph tracing on CPU (aot_eager: no code generation), so a graph break shows without a GPU."""
     torch._dynamo.reset()
+    monkeypatch.setattr(medusa, "compile_step", lambda fn: torch.compile(fn, backend="aot_eager", fullgraph=True))
     model, heads, tree = random_model(), random_heads(CONFIG.dim, 3), medusa.build_tree(TERNARY, 3)
-    step = torch.compile(medusa.medusa_step, backend="aot_eager", fullgraph=True)
     model.setup_caches(2, 96)
-    eager, _ = medusa.generate(model, prompts_of([5, 9]), 24, heads=heads, tree=tree)
-    compiled, _ = medusa.generate(model, prompts_of([5, 9]), 24, heads=heads, tree=tree, decode_fn=step)
+    eager, _ = medusa_generate(model, prompts_of([5, 9]), 24, heads=heads, tree=tree)
+    compiled, _ = medusa_generate(model, prompts_of([5, 9]), 24, heads=heads, tree=tree, compile=True)
     assert compiled == eager
     with torch.compiler.set_stance("fail_on_recompile"):
-        medusa.generate(model, prompts_of([13, 2], seed=1), 30, heads=heads, tree=tree, decode_fn=step)
+        medusa_generate(model, prompts_of([13, 2], seed=1), 30, heads=heads, tree=tree, compile=True)
 
 
 @pytest.mark.cuda
@@ -375,14 +384,12 @@ def test_compiled_step_matches_eager_and_never_recompiles():
     torch._dynamo.reset()
     model = random_model().cuda()
     heads, tree = random_heads(CONFIG.dim, 3).cuda(), medusa.build_tree(TERNARY, 3, "cuda")
-    prefill_fn, decode_fn = medusa.compile_fns(True, False)
     model.setup_caches(2, 96)
     kwargs = dict(heads=heads, tree=tree)
-    eager, _ = medusa.generate(model, prompts_of([5, 9]), 24, **kwargs)
-    compiled, _ = medusa.generate(model, prompts_of([5, 9]), 24, decode_fn=decode_fn, **kwargs)
+    eager, _ = medusa_generate(model, prompts_of([5, 9]), 24, **kwargs)
+    compiled, _ = medusa_generate(model, prompts_of([5, 9]), 24, compile=True, **kwargs)
     assert compiled == eager
-    medusa.generate(model, prompts_of([5, 9]), 8, temperature=0.8, top_k=50, decode_fn=decode_fn, **kwargs)
+    medusa_generate(model, prompts_of([5, 9]), 8, temperature=0.8, top_k=50, compile=True, **kwargs)
     with torch.compiler.set_stance("fail_on_recompile"):
-        medusa.generate(model, prompts_of([13, 2], seed=1), 30, decode_fn=decode_fn, **kwargs)
-        medusa.generate(model, prompts_of([7, 30], seed=2), 30, temperature=0.8, top_k=50, decode_fn=decode_fn,
-                        **kwargs)
+        medusa_generate(model, prompts_of([13, 2], seed=1), 30, compile=True, **kwargs)
+        medusa_generate(model, prompts_of([7, 30], seed=2), 30, temperature=0.8, top_k=50, compile=True, **kwargs)

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 import quantize
 from eval import calibration_windows, perplexity, stdlib_texts
 from generate import generate, load_model
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, linear_names
 from nvcc import compile_cuda, kernel_report, needs_nvcc
-from quantize import (GROUPSIZES, Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, gptq, quantize_checkpoint,
-                      quantize_int4, quantize_int8, quantize_model, unpack_int4)
+from quantize import (GROUPSIZES, Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, gptq, quantize_int4,
+                      quantize_int8, quantize_model, unpack_int4)
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +81,10 @@ def test_custom_ops_trace_without_graph_breaks():
 def test_cuda_source_compiles_for_sm80_and_sm90a_without_spills():
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # load_inline's: no implicit half/bf16 conversions
     defines = "".join(f"#define {f[2:]}\n" for f in COMMON_NVCC_FLAGS if f.startswith("-D"))
-    log = compile_cuda(defines + quantize.CUDA_SOURCE)
+    log = compile_cuda(defines + quantize.CUDA_SOURCE + quantize.MMA_SOURCE)  # the one source kernels() builds
     report = kernel_report(log)
-    for kernel, count in [("gemv_kernel", 32), ("int4_dequantize_kernel", 2)]:  # gemv: int8/int4 x bf16/fp16 x M 1..8
+    # gemv: int8/int4 x bf16/fp16 x M 1..8; mma: int8/int4 x bf16/fp16 x 1, 2, 4, 8 tiles of 8 tokens
+    for kernel, count in [("gemv_kernel", 32), ("int4_dequantize_kernel", 2), ("mma_kernel", 16)]:
         for arch in ["sm_80", "sm_90a"]:
             found = {k: v for k, v in report.items() if kernel in k[0] and k[1] == arch}
             assert len(found) == count, (kernel, arch)
@@ -111,6 +112,12 @@ def test_gptq_lowers_the_output_error_of_a_layer(act_order):
         assert layer_error(x, w, w_gptq) < 0.7 * layer_error(x, w, w_rtn)
 
 
+def quantize_file(checkpoint, mode, groupsize=128, *flags) -> Path:
+    """quantize.py's command line, in this process: the path it wrote."""
+    return quantize.main(["--checkpoint_path", str(checkpoint), "--mode", mode, "--groupsize", str(groupsize),
+                          "--device", "cpu", *map(str, flags)])
+
+
 @pytest.fixture
 def checkpoint(tmp_path, sp_model_file):
     torch.manual_seed(1)
@@ -126,12 +133,13 @@ def checkpoint(tmp_path, sp_model_file):
 
 @pytest.mark.parametrize("mode", quantize.MODES)
 def test_files_load_as_their_pytorch_path_and_repeat_byte_for_byte(checkpoint, mode):
-    kwargs = dict(calibration_file=checkpoint.parent / "calibration.txt", calibration_samples=8, calibration_seq_len=64)
-    path = quantize_checkpoint(checkpoint, mode, 32, **kwargs)
+    flags = ["--calibration_file", checkpoint.parent / "calibration.txt", "--calibration_samples", 8,
+             "--calibration_seq_len", 64]
+    path = quantize_file(checkpoint, mode, 32, *flags)
     assert path.name == {"int8": "model_int8.pth", "int4": "model_int4.g32.pth", "int4-gptq": "model_int4-gptq.g32.pth"}[mode]
     first = path.read_bytes()
-    assert quantize_checkpoint(checkpoint, mode, 32, **kwargs).read_bytes() == first
-    assert not list(checkpoint.parent.glob("*.tmp"))
+    assert quantize_file(checkpoint, mode, 32, *flags).read_bytes() == first
+    assert not list(checkpoint.parent.glob(".*.partial"))
 
     state = torch.load(path, weights_only=True, mmap=True)
     assert state["quantization"]["mode"] == mode and state["tok_embeddings.weight"].dtype == torch.bfloat16
@@ -140,7 +148,7 @@ def test_files_load_as_their_pytorch_path_and_repeat_byte_for_byte(checkpoint, m
     # The same model by hand: bf16 weights, each quantized layer replaced by its dequantized weight.
     reference = Transformer(CONFIG)
     dense = {k: v.float() for k, v in state.items() if k != "quantization" and not k.endswith(("scales", "scales_and_zeros"))}
-    for name in quantize.linear_names(reference):
+    for name in linear_names(reference):
         q = {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")}
         dense[name + ".weight"] = dequantize_int8(**q) if mode == "int8" else dequantize_int4(**q)
     reference.load_state_dict(dense)
@@ -150,9 +158,9 @@ def test_files_load_as_their_pytorch_path_and_repeat_byte_for_byte(checkpoint, m
 
 def test_quantized_model_generates_like_its_dequantized_weights(checkpoint):
     """The decode path too (KV cache, batch 1 and ragged 2): the same tokens as the reference model."""
-    model = load_model(quantize_checkpoint(checkpoint, "int4", 32), "cpu", torch.float32)
+    model = load_model(quantize_file(checkpoint, "int4", 32), "cpu", torch.float32)
     reference = load_model(checkpoint, "cpu", torch.float32)
-    for name in quantize.linear_names(reference):
+    for name in linear_names(reference):
         layer = model.get_submodule(name)
         reference.get_submodule(name).weight.data = dequantize_int4(layer.weight, layer.scales_and_zeros)
     prompts = [[1, 5, 9], [2, 7, 11, 4, 4, 8]]
@@ -164,10 +172,10 @@ def test_tied_output_head_stays_the_embedding(tmp_path):
     must stay the (unquantized) embedding table."""
     for f in ("model.pth", "config.json", "tokenizer.model"):
         shutil.copy(ROOT / "checkpoints/tiny-py-draft" / f, tmp_path / f)
-    path = quantize_checkpoint(tmp_path / "model.pth", "int4", 32)
+    path = quantize_file(tmp_path / "model.pth", "int4", 32)
     assert "output.weight" not in torch.load(path, weights_only=True, mmap=True)
     model = load_model(path, "cpu", torch.float32)
-    assert model.output.weight is model.tok_embeddings.weight and "output" not in quantize.linear_names(model)
+    assert model.output.weight is model.tok_embeddings.weight and "output" not in linear_names(model)
 
 
 def run(script, *args):
@@ -176,7 +184,7 @@ def run(script, *args):
 
 
 def test_generate_and_eval_load_quantized_files_with_no_flag(checkpoint):
-    path = quantize_checkpoint(checkpoint, "int8", 32)
+    path = quantize_file(checkpoint, "int8", 32)
     rc, out, err = run("generate.py", "--checkpoint_path", path, "--max_new_tokens", 8, "--device", "cpu")
     assert rc == 0 and "tok/s" in out, err
     rc, out, err = run("eval.py", "--checkpoint_path", path, "--max_tokens", 300, "--seq_len", 64, "--device", "cpu")
@@ -185,19 +193,19 @@ def test_generate_and_eval_load_quantized_files_with_no_flag(checkpoint):
 
 def test_clear_errors(checkpoint):
     rc, _, err = run("quantize.py", "--checkpoint_path", checkpoint, "--mode", "int4", "--groupsize", "64")
-    assert rc != 0 and err.startswith("error:") and "--groupsize 64" in err and "use 32" in err
+    assert rc != 0 and err.startswith("error:") and "group size 64" in err and "use 32" in err
     assert not list(checkpoint.parent.glob("model_int4*"))
-    path = quantize_checkpoint(checkpoint, "int8", 32)
+    path = quantize_file(checkpoint, "int8", 32)
     rc, _, err = run("quantize.py", "--checkpoint_path", path, "--mode", "int4", "--groupsize", "32")
     assert rc != 0 and err.startswith("error:") and "already quantized (int8)" in err
     with pytest.raises(FileNotFoundError, match="not found"):
-        quantize_checkpoint(checkpoint.parent / "nope.pth", "int8")
+        quantize_file(checkpoint.parent / "nope.pth", "int8")
 
 
 def test_bench_times_every_mode_against_the_unquantized_model(checkpoint, capsys):
-    """scripts/bench.py --mode, on CPU: the code path the GPU runs, minus the speed."""
+    """scripts/bench.py decode --mode, on CPU: the code path the GPU runs, minus the speed."""
     import bench
-    bench.main(["--checkpoint_path", str(checkpoint), "--device", "cpu", "--dtype", "float32", "--mode", "int8", "int4",
+    bench.main(["decode", "--checkpoint_path", str(checkpoint), "--device", "cpu", "--dtype", "float32", "--mode", "int8", "int4",
                 "int4-gptq", "--groupsize", "32", "--max_new_tokens", "4", "--runs", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[-4:]] == ["float32", "int8", "int4", "int4-gptq"]
@@ -205,7 +213,7 @@ def test_bench_times_every_mode_against_the_unquantized_model(checkpoint, capsys
 
 
 def test_bench_kernels_report_times_every_kernel_against_both_baselines(monkeypatch):
-    """scripts/bench.py --kernels with the GPU parts stubbed out: every kernel runs on its weights (through the
+    """scripts/bench.py kernels with the GPU parts stubbed out: every kernel runs on its weights (through the
     custom ops' PyTorch path) and gets a row with both ratios."""
     import types
     import bench
@@ -221,7 +229,7 @@ def test_bench_kernels_report_times_every_kernel_against_both_baselines(monkeypa
     monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm", lambda x, packed, g, sz: x @ packed.T.to(x.dtype))
     candidates = bench.kernel_candidates
     monkeypatch.setattr(bench, "kernel_candidates", lambda g: candidates(g)[:2])  # quantize.py's (others need CUDA)
-    report = bench.kernels_report(bench.parse_args(["--kernels", "--device", "cpu", "--model_name", "TinyLlama-1.1B"]))
+    report = bench.kernels_bench(bench.parse_args(["kernels", "--device", "cpu", "--model_name", "TinyLlama-1.1B"]))
     rows = report.splitlines()[3:]
     assert len(rows) == 4 * 4 and all(row.endswith("x") for row in rows)  # 4 layers x (2 baselines + 2 kernels)
     assert all(y.shape[0] == 1 and nbytes > 2**20 for y, nbytes in runs)  # one token; copies exceed the (stubbed) L2
@@ -250,63 +258,7 @@ def test_tiny_model_perplexity(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# On the GPU: the kernels against the PyTorch path (dequantized weight @ x in fp32).
-
-SHAPES = {  # (N, K) of every Llama-2-7B and Llama-3-8B layer, then odd sizes
-    "7B": [(12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)],
-    "8B": [(6144, 4096), (14336, 4096), (4096, 14336), (128256, 4096)],
-    "odd": [(1, 256), (7, 96), (33, 160), (1001, 4128), (4099, 2304)],
-}
-BATCHES = [1, 2, 3, 8, 17, 64, 300]
-
-
-def check_close(out, ref, gemv: bool):
-    # GEMV: fp32 sums rounded once to bf16. Prefill: the weight is rounded to bf16 before the matmul (a random error
-    # of ~0.001 x the output's rms per element, hence the atol), and int8's output once more by the scale.
-    rms = ref.pow(2).mean().sqrt().item()
-    torch.testing.assert_close(out.float(), ref, rtol=2**-8 if gemv else 2**-7, atol=(2**-10 if gemv else 2**-7) * rms)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("family", SHAPES)
-def test_kernels_equal_the_pytorch_path(mode, family):
-    torch.set_float32_matmul_precision("highest")
-    for i, (N, K) in enumerate(SHAPES[family]):
-        w = torch.randn(N, K, device="cuda") * 0.02
-        groupsize = GROUPSIZES[i % 4] if K % GROUPSIZES[i % 4] == 0 else 32
-        q = quantize_int8(w) if mode == "int8" else quantize_int4(w, groupsize)
-        dense = dequantize_int8(*q) if mode == "int8" else dequantize_int4(*q)
-        if mode == "int4":  # the prefill path's dequantization is bit-exact
-            out = torch.full((N, K), float("nan"), device="cuda", dtype=torch.bfloat16)
-            quantize.kernels().int4_dequantize(*q, out)
-            assert torch.equal(out, dense.bfloat16())
-        for M in BATCHES:
-            for dtype in (torch.bfloat16, torch.float16):
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                ref = x.float() @ dense.T
-                if M <= quantize.GEMV_MAX_TOKENS:
-                    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)  # every element must be written
-                    quantize.kernels().gemv(x, *q, out)
-                    check_close(out, ref, gemv=True)
-                op = torch.ops.quantize.int8_linear if mode == "int8" else torch.ops.quantize.int4_linear
-                check_close(op(x[None], *q)[0], ref, gemv=M <= quantize.GEMV_MAX_TOKENS)
-
-
-@pytest.mark.cuda
-def test_odd_activations():
-    """An int8 width that is not a multiple of 16 takes the matmul path; activations that are a strided or
-    misaligned view are copied for the kernels."""
-    w, x = torch.randn(50, 40, device="cuda"), torch.randn(1, 40, device="cuda", dtype=torch.bfloat16)
-    q = quantize_int8(w)
-    check_close(torch.ops.quantize.int8_linear(x, *q), x.float() @ dequantize_int8(*q).T, gemv=False)
-    w = torch.randn(96, 256, device="cuda")
-    for x in [torch.randn(3 * 256 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(3, 256),
-              torch.randn(256, 3, device="cuda", dtype=torch.bfloat16).t()]:
-        for q, dense in [(quantize_int8(w), dequantize_int8), (quantize_int4(w, 64), dequantize_int4)]:
-            op = torch.ops.quantize.int8_linear if len(q[1].shape) == 1 else torch.ops.quantize.int4_linear
-            check_close(op(x, *q), x.float() @ dense(*q).T, gemv=True)
-
+# On the GPU: the layers in a CUDA graph and compiled (the kernels against the PyTorch path: test_quantize_kernels.py).
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["int8", "int4"])

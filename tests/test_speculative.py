@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import generate as plain
-from generate import logits_to_probs, sample_from
+import speculative
+from generate import acceptance_summary, logits_to_probs, sample_from
 from model import ModelArgs, Transformer
-from speculative import accept, accept_greedy, acceptance_summary, compile_fns, generate
+from speculative import accept, accept_greedy
 
 CONFIG = ModelArgs(block_size=128, vocab_size=512, n_layer=2, n_head=4, n_kv_heads=2, dim=32, intermediate_size=64)
 
@@ -25,6 +26,13 @@ def noisy_copy(model, scale=0.02, seed=2):
         for p in draft.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
     return draft
+
+
+def generate(target, prompts, max_new_tokens, *, draft, speculate_k=5, temperature=0.0, top_k=None, top_p=None,
+             compile=False, **kwargs):
+    """The one decode loop with speculative decoding."""
+    decoder = speculative.decoder(target, draft, speculate_k, temperature, top_k, top_p, compile=compile)
+    return plain.generate(target, prompts, max_new_tokens, decoder=decoder, **kwargs)
 
 
 def prompts_of(lengths, seed=0, vocab=512):
@@ -234,7 +242,7 @@ def test_clear_errors(target):
     other = Transformer(ModelArgs(**{**CONFIG.__dict__, "vocab_size": 256}))
     with pytest.raises(ValueError, match="draft vocab 256 != target vocab 512"):
         generate(target, prompts_of([4]), 8, draft=other)
-    with pytest.raises(ValueError, match=r"\+ speculate_k \+ 1 \(5\) exceeds the target model's context of 128"):
+    with pytest.raises(ValueError, match=r"\+ 5 slots a step may write ahead exceeds the model's context of 128"):
         generate(target, prompts_of([10]), 128 - 10 - 4, draft=noisy_copy(target), speculate_k=4)
     with pytest.raises(ValueError, match="--speculate_k 0"):
         generate(target, prompts_of([4]), 8, draft=noisy_copy(target), speculate_k=0)
@@ -243,7 +251,7 @@ def test_clear_errors(target):
 def test_streaming_gets_every_token_once(target):
     seen = []
     out, _ = generate(target, prompts_of([5]), 15, draft=noisy_copy(target), speculate_k=3,
-                      on_tokens=lambda i, tokens: seen.append(tokens[0]))
+                      on_tokens=lambda new: seen.extend(new[0]))
     assert seen == out[0]
 
 
@@ -252,17 +260,16 @@ def test_compiled_steps_never_recompile(target):
     accepted counts reuse them."""
     torch._dynamo.reset()
     draft = noisy_copy(target)
-    prefill_fn, step_fn = compile_fns(True, False)
     target.setup_caches(2, 64)
     draft.setup_caches(2, 64)
     eager, _ = generate(target, prompts_of([5, 9]), 12, draft=draft, speculate_k=3)
-    compiled, _ = generate(target, prompts_of([5, 9]), 12, draft=draft, speculate_k=3, decode_fn=step_fn)
+    compiled, _ = generate(target, prompts_of([5, 9]), 12, draft=draft, speculate_k=3, compile=True)
     assert compiled == eager
-    generate(target, prompts_of([5, 9]), 4, draft=draft, speculate_k=3, temperature=0.8, top_k=50, decode_fn=step_fn)
+    generate(target, prompts_of([5, 9]), 4, draft=draft, speculate_k=3, temperature=0.8, top_k=50, compile=True)
     with torch.compiler.set_stance("fail_on_recompile"):
-        generate(target, prompts_of([13, 2], seed=1), 20, draft=draft, speculate_k=3, decode_fn=step_fn)
+        generate(target, prompts_of([13, 2], seed=1), 20, draft=draft, speculate_k=3, compile=True)
         generate(target, prompts_of([7, 30], seed=2), 20, draft=draft, speculate_k=3, temperature=0.8, top_k=50,
-                 decode_fn=step_fn)
+                 compile=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,7 +302,7 @@ def test_cli_speculates_and_summarises(checkpoints):
     r = run_generate("--checkpoint_path", target_path, "--draft_checkpoint_path", draft_path, "--speculate_k", 3,
                      "--max_new_tokens", 20, "--device", "cpu", "--temperature", 0)
     assert r.returncode == 0, r.stderr
-    for field in ["tok/s", "tokens per forward", "drafts accepted", "0: ", "3: "]:
+    for field in ["tok/s", "tokens per forward", "proposals accepted", "0: ", "3: "]:
         assert field in r.stdout
 
 
@@ -312,7 +319,7 @@ def test_cli_vocab_mismatch_fails_before_any_work(checkpoints):
 def test_bench_compares_plain_and_speculative(checkpoints, capsys):
     import bench
     target_path, draft_path = checkpoints
-    bench.main(["--speculative", "--checkpoint_path", str(target_path), "--draft_checkpoint_path", str(draft_path),
+    bench.main(["speculative", "--checkpoint_path", str(target_path), "--draft_checkpoint_path", str(draft_path),
                 "--speculate_k", "3", "--max_new_tokens", "12", "--runs", "1", "--device", "cpu", "--dtype", "float32"])
     out = capsys.readouterr().out
     for field in ["plain tok/s", "spec. tok/s", "tokens/fwd", "draft drafts", "int4 g32 copy drafts", "x  "]:
@@ -330,19 +337,19 @@ def test_cuda_graphs_replay_the_eager_result(target):
     target.setup_caches(3, 64)
     draft.setup_caches(3, 64)
     expected, _ = plain.generate(target, prompts, 40)
-    prefill_fn, step_fn = compile_fns(True, False)
     for _ in range(3):  # capture, then replays
-        out, stats = generate(target, prompts, 40, draft=draft, speculate_k=4, decode_fn=step_fn)
+        out, stats = generate(target, prompts, 40, draft=draft, speculate_k=4, compile=True)
         assert out == expected and 0 < stats["accepted"][0]
-    generate(target, prompts, 40, draft=draft, speculate_k=4, temperature=0.8, top_k=50, decode_fn=step_fn)
+    generate(target, prompts, 40, draft=draft, speculate_k=4, temperature=0.8, top_k=50, compile=True)
     with torch.compiler.set_stance("fail_on_recompile"):
         generate(target, prompts_of([7, 2, 11], seed=1), 40, draft=draft, speculate_k=4, temperature=0.8, top_k=50,
-                 decode_fn=step_fn)
+                 compile=True)
 
 
 def test_int4_copy_drafts_for_its_full_precision_self(checkpoints, target):
-    from quantize import quantize_checkpoint
-    int4_path = quantize_checkpoint(checkpoints[0], "int4", groupsize=32)
+    import quantize
+    int4_path = quantize.main(["--checkpoint_path", str(checkpoints[0]), "--mode", "int4", "--groupsize", "32",
+                               "--device", "cpu"])
     assert int4_path.name == "model_int4.g32.pth"
     draft = plain.load_model(int4_path, "cpu", torch.float32)
     prompts = prompts_of([5, 12, 8])
@@ -356,9 +363,9 @@ def test_self_speculation_from_one_any_precision_model(tmp_path, target, sp_mode
     """The 3-bit view of an any-precision model drafts for its 8-bit self: one copy of the weights, two caches."""
     import shutil
     import anyprec
-    fisher = {name: torch.rand(m.weight.shape) for name, m in target.named_modules()
-              if name.endswith(anyprec.QUANTIZED)}
-    state, _ = anyprec.quantize_state(target.state_dict(), fisher, seed=3, parent=8, progress=False)
+    from model import linear_names
+    fisher = {name: torch.rand(target.get_submodule(name).weight.shape) for name in linear_names(target, False)}
+    state, _ = anyprec.quantize_state(target.state_dict(), fisher, seed_bits=3, parent_bits=8, progress=False)
     torch.save(state, tmp_path / "model_anyprec.3-8.pth")
     CONFIG.save(tmp_path / "config.json")
     model = plain.load_model(tmp_path / "model_anyprec.3-8.pth", "cpu", torch.float32)  # runs at 8 bits

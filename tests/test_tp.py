@@ -47,21 +47,26 @@ def save_model(config: ModelArgs, folder: Path, dtype=torch.bfloat16, seed=1) ->
 def checkpoints(tmp_path_factory, sp_model_file) -> list[str]:
     """The shipped tiny model and its draft (tied embeddings), and the GQA model in bf16, int8, int4 (round to nearest
     and GPTQ, groups of 32) and any-precision (3 to 8 bits)."""
-    from anyprec import QUANTIZED, quantize_state
+    import quantize
+    from anyprec import quantize_state
     from eval import stdlib_texts
-    from quantize import quantize_checkpoint
+    from model import linear_names
     path = save_model(GQA, tmp_path_factory.mktemp("tp") / "gqa")
     shutil.copy(sp_model_file, path.parent / "tokenizer.model")
     calibration = path.parent / "calibration.txt"
     calibration.write_text("\n".join(stdlib_texts("train")[:3]))
-    gptq = dict(calibration_file=calibration, calibration_samples=8, calibration_seq_len=64)
+    gptq = ["--calibration_file", str(calibration), "--calibration_samples", "8", "--calibration_seq_len", "64"]
     state = torch.load(path, weights_only=True)
-    fisher = {k.removesuffix(".weight"): torch.rand(v.shape) + 0.1 for k, v in state.items()
-              if k.removesuffix(".weight").endswith(QUANTIZED)}
+    with torch.device("meta"):
+        names = linear_names(Transformer(GQA), include_output=False)
+    fisher = {name: torch.rand(state[f"{name}.weight"].shape) + 0.1 for name in names}
     anyprec = path.with_name("model_anyprec.3-8.pth")
     torch.save(quantize_state(state, fisher, progress=False)[0], anyprec)
-    quantized = [quantize_checkpoint(path, "int8"), quantize_checkpoint(path, "int4", 32),
-                 quantize_checkpoint(path, "int4-gptq", 32, **gptq), anyprec]
+
+    def quantized(mode, *flags):
+        return quantize.main(["--checkpoint_path", str(path), "--mode", mode, "--device", "cpu", *flags])
+    quantized = [quantized("int8"), quantized("int4", "--groupsize", "32"),
+                 quantized("int4-gptq", "--groupsize", "32", *gptq), anyprec]
     return [str(p) for p in (TINY, TINY_DRAFT, path, *quantized)]
 
 
@@ -110,9 +115,9 @@ def test_each_rank_holds_about_half_the_model(tmp_path):
 
 def test_bench_tp_times_one_and_two_ranks(monkeypatch, capsys):
     from bench import main
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # on CPU, --tp goes up to the core count
-    main(["--checkpoint_path", str(TINY), "--device", "cpu", "--dtype", "float32", "--max_new_tokens", "8", "--runs",
-          "1", "--tp"])
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # on CPU, tp goes up to the core count
+    main(["tp", "--checkpoint_path", str(TINY), "--device", "cpu", "--dtype", "float32", "--max_new_tokens", "8",
+          "--runs", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.lstrip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "2"] and rows[0][2] == "1.00x"
     assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in rows)
@@ -136,7 +141,7 @@ def test_refuses_what_does_not_divide():
     with torch.device("meta"):  # int4 with groups of 128: wo's 256 inputs are 2 groups, 4 ranks cannot share them
         model = Transformer(ModelArgs.from_json(TINY.parent / "config.json"))
         swap_linears(model, {"mode": "int4", "groupsize": 128})
-    with pytest.raises(ValueError, match=r"attention.wo's 2 int4 groups are not divisible by 4 .* in \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"attention.wo's 2 groups of inputs are not divisible by 4 .* in \[1, 2\]"):
         apply_tp(model, rank=0, world=4)
 
 
@@ -172,6 +177,7 @@ def check_logits(path: str, rank: int, world: int):
         whole = load_model(path, "cpu", torch.float32)
         sharded = load_model(path, "cpu", torch.float32, tp=True)
         assert sharded.layers[0].attention.n_head == whole.config.n_head // world
+        assert all(t.is_contiguous() for t in sharded.state_dict().values())  # as the kernels read them
         name = f"{Path(path).parent.name}/{Path(path).name}"
         if precision is not None:
             set_precision(whole, precision)
@@ -201,17 +207,18 @@ def check_speculative(path: str, rank: int, world: int):
     """The sharded tiny model with the draft `path` replicated on every rank, then sharded too: sampled tokens equal
     the whole pair's, seeded alike."""
     import speculative
-    from generate import load_model
-    target = str(TINY)
-    prompts, kwargs = [[1, 5, 9, 200, 31], [7, 3]], dict(speculate_k=4, temperature=0.8)
+    from generate import generate, load_model
+    target, prompts = str(TINY), [[1, 5, 9, 200, 31], [7, 3]]
+
+    def speculate(model, draft):
+        return generate(model, prompts, 24, decoder=speculative.decoder(model, draft, 4, temperature=0.8))
     torch.manual_seed(3)
     whole = load_model(target, "cpu", torch.float32)
-    expected, stats = speculative.generate(whole, prompts, 24, draft=load_model(path, "cpu", torch.float32), **kwargs)
+    expected, stats = speculate(whole, load_model(path, "cpu", torch.float32))
     for draft_tp in (False, True):
         torch.manual_seed(3)
         sharded = load_model(target, "cpu", torch.float32, tp=True)
-        draft = load_model(path, "cpu", torch.float32, tp=draft_tp)
-        got, _ = speculative.generate(sharded, prompts, 24, draft=draft, **kwargs)
+        got, _ = speculate(sharded, load_model(path, "cpu", torch.float32, tp=draft_tp))
         assert got == expected, f"speculative decoding with the draft {'sharded' if draft_tp else 'replicated'} differs"
     if rank == 0:
         print(f"speculative, draft replicated and sharded: {sum(map(len, got))} sampled tokens identical, "
@@ -221,13 +228,14 @@ def check_speculative(path: str, rank: int, world: int):
 def check_compiled(path: str, rank: int, world: int):
     """Traced whole (fullgraph: the all-reduces go into the graph, no break), decode equals eager decode. aot_eager
     stops before code generation, which on 2 CPU cores takes minutes; scripts/gpu_check.sh runs the real thing."""
-    from generate import decode_one_token, generate, load_model, prefill
-    model = load_model(path, "cpu", torch.float32, tp=True)
+    import generate
+    model = generate.load_model(path, "cpu", torch.float32, tp=True)
     prompts = [[1, 5, 9, 200, 31], [7, 3]]
-    expected, _ = generate(model, prompts, 16)
-    prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True, backend="aot_eager")
-    decode_fn = torch.compile(decode_one_token, fullgraph=True, backend="aot_eager")
-    got, _ = generate(model, prompts, 16, prefill_fn=prefill_fn, decode_fn=decode_fn)
+    expected, _ = generate.generate(model, prompts, 16)
+    generate.compile_step = lambda fn: torch.compile(fn, fullgraph=True, backend="aot_eager")
+    generate.compile_prefill = lambda fn: torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    decoder = generate.plain_decoder(model, compile=True, compile_prefill_too=True)
+    got, _ = generate.generate(model, prompts, 16, decoder=decoder)
     assert got == expected, "compiled decode differs from eager"
     if rank == 0:
         print(f"compiled prefill and decode: {sum(map(len, got))} tokens identical")
@@ -237,7 +245,7 @@ def check_cuda(path: str, rank, world: int):
     """NCCL all-reduces captured in the compiled decode's CUDA graph: tokens equal the whole model's eager ones. On
     a machine with one GPU the job has one rank, still over NCCL, so the collectives are in the graph all the same."""
     import torch.distributed as dist
-    from generate import compile_fns, generate, load_model
+    from generate import generate, load_model, plain_decoder
     one_gpu = rank is None  # maybe_init_dist leaves a job of one rank alone
     if one_gpu:
         dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
@@ -250,9 +258,9 @@ def check_cuda(path: str, rank, world: int):
     assert error < 1e-4, f"logits differ by {error:.2e} relative"
     prompts = [tokens[0, :13].tolist(), tokens[1, :29].tolist()]
     expected, _ = generate(whole, prompts, 32)
-    prefill_fn, decode_fn = compile_fns(True, True)
+    decoder = plain_decoder(sharded, compile=True, compile_prefill_too=True)
     for _ in range(2):  # the second run replays the captured graph
-        got, _ = generate(sharded, prompts, 32, prefill_fn=prefill_fn, decode_fn=decode_fn)
+        got, _ = generate(sharded, prompts, 32, decoder=decoder)
         assert got == expected, "compiled tensor-parallel decode differs from the whole model's"
     if rank == 0:
         print(f"cuda on {world} ranks: logits within {error:.1e} relative, compiled decode identical")
