@@ -334,19 +334,40 @@ class AnyPrecLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.precisions = tuple(sorted(precisions))
-        self.precision = max(self.precisions)  # a Python int: compiled graphs specialise on it
+        self._precision = max(self.precisions)  # a Python int: compiled graphs specialise on it
         planes = max(self.precisions)
         self.register_buffer("qweight", torch.empty(planes, out_features, padded(in_features) // 32,
                                                     dtype=torch.int32, device=device))
         for p in self.precisions:
             self.register_buffer(f"lut{p}", torch.empty(out_features, 2**p, dtype=torch.float16, device=device))
-        self.register_buffer("codes", None, persistent=False)
+        self.register_buffer("dense", None, persistent=False)
+
+    @property
+    def precision(self) -> int:
+        return self._precision
+
+    @precision.setter
+    def precision(self, p: int):  # the switch: on CPU it dequantises again, once
+        self._precision = p
+        self.prepare()
+
+    def prepare(self):
+        """On CPU, W_p at the current precision dequantised once, in CPU_DTYPE: a matmul that reads it runs at the
+        speed of the bf16 model's (2 bytes a weight beside the planes, where gathering from the tables on every call
+        ran several times slower). Rebuilt when the precision changes, the module moves or is sharded."""
+        on_cpu = CPU_KERNELS and self.qweight.device.type == "cpu" and KERNEL_DEVICE != "cpu"
+        p = self.precision
+        self.dense = dequantize(self.qweight, getattr(self, f"lut{p}"), p, self.in_features).to(CPU_DTYPE) if on_cpu \
+            else None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        # Off CUDA the forward gathers from the tables: unpack the codes once (1 byte a weight, as 8 planes are).
-        on_cpu = self.qweight.device.type not in ("cuda", "meta")
-        self.codes = unpack(self.qweight, self.qweight.shape[0], self.in_features) if on_cpu else None
+        self.prepare()
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self.prepare()
+        return module
 
     def forward(self, x: Tensor, precision: int = None) -> Tensor:
         p = self.precision if precision is None else precision
@@ -362,9 +383,9 @@ class AnyPrecLinear(nn.Module):
                 w = torch.ops.anyprec.dequant(self.qweight, lut, p, dtype)  # [N, Kp]
                 y = F.linear(F.pad(x2, (0, w.shape[1] - self.in_features)), w.to(x.dtype))
             return y.reshape(*x.shape[:-1], self.out_features)
-        planes = self.qweight.shape[0]
-        codes = self.codes if self.codes is not None else unpack(self.qweight, planes, self.in_features)
-        return F.linear(x, lut.gather(1, (codes >> (planes - p)).long()).to(x.dtype))
+        if CPU_KERNELS and self.dense is not None and p == self.precision:
+            return F.linear(x.to(self.dense.dtype), self.dense).to(x.dtype)
+        return F.linear(x, dequantize(self.qweight, lut, p, self.in_features).to(x.dtype))
 
     def shard(self, dim: int, ranges: list[tuple[int, int]]):
         """Keep `ranges` of the outputs (dim 0: rows of the planes and tables) or of the inputs (dim 1). The planes
@@ -381,12 +402,15 @@ class AnyPrecLinear(nn.Module):
                       for r in range(0, self.qweight.shape[1], rows)]
             self.qweight = torch.cat([pack(codes, planes) for codes in blocks], dim=1)
             self.in_features = sum(n for _, n in ranges)
-        self.codes = None  # the CPU path's unpacked codes: recomputed when the shard is loaded
+        self.prepare()
 
     input_multiple = 1  # a row-parallel shard may cut the inputs anywhere (it is repacked)
 
     def bytes_read(self) -> int:
-        """What one call reads of the weight at the current precision: p of the planes and the p-bit table."""
+        """What one call reads of the weight at the current precision: p of the planes and the p-bit table (on CPU,
+        the dequantised weight)."""
+        if self.dense is not None:
+            return self.dense.numel() * self.dense.element_size()
         p, (_, N, words) = self.precision, self.qweight.shape
         return p * N * words * 4 + N * 2**p * 2
 
@@ -876,6 +900,10 @@ int dequant(int64_t qweight, int64_t lut, int64_t out, int64_t bits, bool fp16, 
             int64_t stream);
 """
 
+
+# Activations and dequantised weights on CPU: bf16 where the CPU multiplies it natively (quantize.CPU_DTYPE's rule).
+CPU_DTYPE = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+CPU_KERNELS = True  # False: gather from the tables on every call, the reference (tests compare the two)
 
 # The device type whose tensors the kernels take. tests/cuda_emu builds CUDA_SOURCE for the CPU and sets "cpu" while
 # its tests run, so that the same checks, launches, ops and AnyPrecLinear.forward run there.

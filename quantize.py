@@ -569,17 +569,23 @@ def _launch(entry, device: torch.device, *args) -> int:
         return entry(*args, torch.cuda.current_stream().cuda_stream if device.type == "cuda" else 0)
 
 
-def gemv_into(x: Tensor, weight: Tensor, params: Tensor, out: Tensor):
-    """out [M, N] = x [M <= 8, K] @ W^T in x's dtype (bf16 or fp16), launched on the current stream. W is int8 with
-    params its scales, or int4 with params its scales_and_zeros."""
+def _linear_shapes(kernel: str, x: Tensor, weight: Tensor, params: Tensor, out: Tensor, max_tokens: int):
+    """(group shift, M, N, K) of a call out [M, N] = x [M, K] @ W^T, or a ValueError saying what does not fit."""
     shift = _check(weight, params, x, out)
     M, N = out.shape
     K = weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
     if (x.dtype not in (torch.bfloat16, torch.float16) or out.dtype != x.dtype or x.shape != (M, K) or
-            N != weight.shape[0] or M > GEMV_MAX_TOKENS or K % 16):
-        raise ValueError(f"quantize gemv: x {x.dtype} {tuple(x.shape)} and out {out.dtype} {tuple(out.shape)} do not "
-                         f"fit a weight {tuple(weight.shape)} (1..{GEMV_MAX_TOKENS} tokens, K a multiple of 16, one "
+            N != weight.shape[0] or M > max_tokens or K % 16):
+        raise ValueError(f"quantize {kernel}: x {x.dtype} {tuple(x.shape)} and out {out.dtype} {tuple(out.shape)} do "
+                         f"not fit a weight {tuple(weight.shape)} (1..{max_tokens} tokens, K a multiple of 16, one "
                          f"dtype, bf16 or fp16)")
+    return shift, M, N, K
+
+
+def gemv_into(x: Tensor, weight: Tensor, params: Tensor, out: Tensor):
+    """out [M, N] = x [M <= 8, K] @ W^T in x's dtype (bf16 or fp16), launched on the current stream. W is int8 with
+    params its scales, or int4 with params its scales_and_zeros."""
+    shift, M, N, K = _linear_shapes("gemv", x, weight, params, out, GEMV_MAX_TOKENS)
     if M == 0:
         return
     error = _launch(kernels().gemv, x.device, x.data_ptr(), weight.data_ptr(), params.data_ptr(), out.data_ptr(),
@@ -607,14 +613,9 @@ def dequantize_int4_into(weight: Tensor, scales_and_zeros: Tensor, out: Tensor):
 # multiplied on tensor cores (mma.sync.m16n8k16, fp32 accumulators); each activation fragment serves several 16-row
 # weight tiles. It reads the file's layout itself (no repacked copy: the load holds no extra memory). The weight is the
 # mma's A operand (16 rows x 16 inputs) and the tokens its N (8 a tile), so 1..8 tokens cost one mma per 256 weights.
+# It follows CUDA_SOURCE in one translation unit (kernels() builds both) and uses its mma and from_float.
 
 MMA_SOURCE = r"""
-#include <cuda_runtime.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cstdint>
-#include <type_traits>
-
 namespace tensor_core {
 
 constexpr int MMA_WARPS = 4;                   // a block
@@ -635,26 +636,6 @@ struct MmaTile {
 };
 
 // ---- The PTX instructions, each behind a device function; tests/cuda_emu runs the same operations on the CPU.
-
-// D += A B on one warp's fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"); lane =
-// 4 g + t, a register holds two 16-bit elements, the first in its low half: a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t,
-// 2t+1], a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9]; b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]; d[0, 1] =
-// D[g][2t, 2t+1], d[2, 3] = D[g+8][2t, 2t+1].
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<T, __half>)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#elif defined(CUDA_EMU)
-  emu_mma_m16n8k16<T>(d, a, b, d);
-#endif
-}
 
 // Two 8x8 matrices of 16-bit elements from shared memory: lanes 8j..8j+7 give the addresses of matrix j's eight
 // 16-byte rows (lanes 16-31's are not read), and lane l gets in r[j] the 4 bytes 4(l%4)..4(l%4)+3 of row l/4 of
@@ -784,11 +765,6 @@ __device__ __forceinline__ void dequant_int8(uint32_t q, uint32_t out[2]) {
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v); else return __float2bfloat16_rn(v);
-}
-
 // ---- Shared memory. A stage's weight tile is BN rows of 64 bytes, four 16-byte chunks a row, the chunk index XORed
 // with bits 1-2 of the row: the 8 rows an ldmatrix reads then fall in 8 different bank groups. Its activations are 8 TT
 // rows of BK inputs, chunk index XORed with a function of the row that keeps a quarter-warp's loads on distinct banks.
@@ -913,7 +889,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 1) mma_kernel(
             a[0] = lo[0], a[1] = hi[0], a[2] = lo[1], a[3] = hi[1];
           }
 #pragma unroll
-          for (int j = 0; j < TT; ++j) mma_m16n8k16<T>(acc[r][j], a, b[j]);
+          for (int j = 0; j < TT; ++j) mma<T>(acc[r][j], a, b[j]);
         }
       }
     }
@@ -1003,7 +979,7 @@ cudaError_t mma_dispatch(int M, int64_t x, int64_t weight, int64_t params, int64
 
 // x [M, K] -> out [M, N], 1 <= M <= 64, both bf16 or both fp16. int8: weight int8 [N, K], K % 16 == 0, params = scales
 // bf16 [N]. int4: weight uint8 [N, K/2], params = scales_and_zeros bf16 [N, K/g, 2], g = 32 << group_shift. splits > 1
-// divides K among that many blocks a column: partial fp32 [splits, M, N], and locks int32 [ceil(N / 128)], zero before
+// divides K among that many blocks a column: partial fp32 [splits, M, N], and locks int32 [ceil(N / 256)], zero before
 // the call and again after it. Pointers 16-byte aligned (Python's mma_into checks all this).
 int mma(int64_t x, int64_t weight, int64_t params, int64_t out, int64_t partial, int64_t locks, bool int4, bool fp16,
         int64_t M, int64_t N, int64_t K, int64_t group_shift, int64_t splits, int64_t stream) {
@@ -1023,15 +999,15 @@ MMA_DECLARATIONS = """
 int mma(int64_t x, int64_t weight, int64_t params, int64_t out, int64_t partial, int64_t locks, bool int4, bool fp16,
         int64_t M, int64_t N, int64_t K, int64_t group_shift, int64_t splits, int64_t stream);
 """
-MMA_MAX_TOKENS = 64
 MMA_MIN_STAGES = 4  # a split of K covers at least this many pipeline stages
+MMA_BLOCK_ROWS = 256  # MmaTile's BN: the weight rows a block owns
 
 
 def mma_tile(tokens: int, int4: bool) -> dict:
     """MMA_SOURCE's MmaTile for this many tokens: tiles of 8 tokens, rows a block, inputs a stage, stages, and the
     bytes of shared memory a block takes."""
     tt = next(tt for tt in (1, 2, 4, 8) if tokens <= 8 * tt)
-    rows, inputs, stages = 256, 128 if int4 else 64, 3 if tt == 8 else 4
+    rows, inputs, stages = MMA_BLOCK_ROWS, 128 if int4 else 64, 3 if tt == 8 else 4
     stage = rows * 64 + 8 * tt * inputs * 2 + (rows * 16 if int4 else 0)
     return {"token_tiles": tt, "rows": rows, "inputs": inputs, "stages": stages, "smem": stages * stage}
 
@@ -1050,30 +1026,23 @@ def mma_splits(N: int, K: int, tokens: int, int4: bool, multiprocessors: int = 1
 
 
 def mma_locks(N: int, device) -> Tensor:
-    """The zeroed counters a split call of the tensor-core kernel needs, one a column of 128 rows; left zero again."""
-    return torch.zeros(-(-N // 128), dtype=torch.int32, device=device)
+    """The zeroed counters a split call of the tensor-core kernel needs, one a block's column of rows; left zero."""
+    return torch.zeros(-(-N // MMA_BLOCK_ROWS), dtype=torch.int32, device=device)
 
 
 def mma_into(x: Tensor, weight: Tensor, params: Tensor, out: Tensor, locks: Tensor = None, splits: int = None):
     """out [M, N] = x [M <= 64, K] @ W^T on tensor cores, in x's dtype (bf16 or fp16), on the current stream. W is
     int8 with params its scales, or int4 with params its scales_and_zeros. locks: mma_locks(N) (made here if None,
     when K is split); splits: as mma_splits chooses by default."""
-    shift = _check(weight, params, x, out)
-    M, N = out.shape
+    shift, M, N, K = _linear_shapes("mma", x, weight, params, out, MMA_MAX_TOKENS)
     int4 = weight.dtype == torch.uint8
-    K = weight.shape[1] * (2 if int4 else 1)
-    if (x.dtype not in (torch.bfloat16, torch.float16) or out.dtype != x.dtype or x.shape != (M, K) or
-            N != weight.shape[0] or M > MMA_MAX_TOKENS or K % 16):
-        raise ValueError(f"quantize mma: x {x.dtype} {tuple(x.shape)} and out {out.dtype} {tuple(out.shape)} do not "
-                         f"fit a weight {tuple(weight.shape)} (1..{MMA_MAX_TOKENS} tokens, K a multiple of 16, one "
-                         f"dtype, bf16 or fp16)")
     if M == 0:
         return
     splits = splits or mma_splits(N, K, M, int4, _multiprocessors(x.device))
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else None
     if splits > 1 and locks is None:
         locks = mma_locks(N, x.device)
-    if splits > 1 and (locks.dtype != torch.int32 or locks.device != x.device or locks.numel() < -(-N // 128)):
+    if splits > 1 and (locks.dtype != torch.int32 or locks.device != x.device or locks.numel() < -(-N // MMA_BLOCK_ROWS)):
         raise ValueError(f"quantize mma: locks must be mma_locks({N}) on {x.device}")
     error = _launch(kernels().mma, x.device, x.data_ptr(), weight.data_ptr(), params.data_ptr(), out.data_ptr(),
                     partial.data_ptr() if splits > 1 else 0, locks.data_ptr() if splits > 1 else 0, int4,
@@ -1142,6 +1111,47 @@ def _(x, weight, scales_and_zeros, locks=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# CPU: PyTorch's own weight-only kernels, which read int8 or packed int4 and multiply with fp32 sums. Their bf16 paths
+# stream the weight at memory speed on an AVX-512 CPU, where their fp32 paths ran 3-8x slower than an fp32 matmul
+# (2-core EPYC, torch 2.13): activations go in as bf16 where the CPU has AVX512-BF16, as fp32 elsewhere, and the
+# output comes back in the activations' dtype.
+
+CPU_DTYPE = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+CPU_KERNELS = True  # False: the modules run the PyTorch reference on CPU too (tests compare the two)
+
+
+def int8_linear_cpu(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """int8_linear on CPU, from the file's tensors as they are: nothing is repacked."""
+    x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE)
+    y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(CPU_DTYPE))  # [tokens, N]
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def pack_int4_cpu(weight: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """The file's int4 tensors in _weight_int4pack_mm_for_cpu's layout: codes uint8 [N', K/2] tiled for its loads (a
+    second copy of the weight's bytes, not a view) and (scale, zero) [K/g, N', 2] in CPU_DTYPE, N' = N rounded up to
+    the kernel's 16 rows with rows of zeros. The kernel computes w = (code - 8) * scale + zero, as dequantize_int4
+    does, so the parameters carry over unchanged."""
+    pad = -weight.shape[0] % 16
+    codes = F.pad(unpack_int4(weight).to(torch.int32), (0, 0, 0, pad))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return packed, F.pad(scales_and_zeros.transpose(0, 1).to(CPU_DTYPE), (0, 0, 0, pad)).contiguous()
+
+
+def int4_linear_cpu(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, out_features: int) -> Tensor:
+    """int4_linear on CPU, from pack_int4_cpu's tensors."""
+    groupsize = 2 * packed.shape[1] // scales_and_zeros.shape[0]
+    x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, groupsize, scales_and_zeros)  # [tokens, N']
+    return y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def on_cpu_path(t: Tensor) -> bool:
+    """Whether a module with tensor t runs the CPU kernels: not while tests/cuda_emu runs the CUDA ones on the CPU."""
+    return CPU_KERNELS and t.device.type == "cpu" and KERNEL_DEVICE != "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Runtime modules: swapped in for nn.Linear at load; the tensors are buffers (load_model casts only parameters).
 # The file's tensors stay what the module holds and saves; a kernel that wants another layout gets it from prepare(),
 # built once, after construction, loading and any move to another device, as buffers that are never saved.
@@ -1149,7 +1159,7 @@ def _(x, weight, scales_and_zeros, locks=None):
 class QuantizedLinear(nn.Module):
     def prepare(self):
         """Build what the kernels of the weight's device need beside the file's tensors. The tensor-core kernel reads
-        the file's layout itself and needs only `locks`, zeroed counters of 4 bytes a 128 rows (mma_locks)."""
+        the file's layout itself and needs only `locks`, zeroed counters of 4 bytes a 256 rows (mma_locks)."""
         on_kernels = self.weight.device.type == KERNEL_DEVICE
         self.register_buffer("locks", mma_locks(self.weight.shape[0], self.weight.device) if on_kernels else None,
                              persistent=False)
@@ -1177,6 +1187,8 @@ class Int8Linear(QuantizedLinear):
     out_features = property(lambda self: self.weight.shape[0])
 
     def forward(self, x):
+        if on_cpu_path(self.weight):
+            return int8_linear_cpu(x, self.weight, self.scales)
         return torch.ops.quantize.int8_linear(x, self.weight, self.scales, self.locks)
 
     def shard(self, dim: int, ranges: list[tuple[int, int]]):
@@ -1200,7 +1212,18 @@ class Int4Linear(QuantizedLinear):
     in_features = property(lambda self: 2 * self.weight.shape[1])
     out_features = property(lambda self: self.weight.shape[0])
 
+    def prepare(self):
+        """On CPU also the file's tensors repacked for PyTorch's kernel (pack_int4_cpu): as many bytes again as the
+        file's. The file's own stay for saving, sharding and moving to a GPU; loaded from a memory map they are
+        clean file pages, read once by the repack, that the OS may drop."""
+        super().prepare()
+        packed = pack_int4_cpu(self.weight, self.scales_and_zeros) if on_cpu_path(self.weight) else (None, None)
+        self.register_buffer("cpu_weight", packed[0], persistent=False)
+        self.register_buffer("cpu_scales_and_zeros", packed[1], persistent=False)
+
     def forward(self, x):
+        if on_cpu_path(self.weight):
+            return int4_linear_cpu(x, self.cpu_weight, self.cpu_scales_and_zeros, self.out_features)
         return torch.ops.quantize.int4_linear(x, self.weight, self.scales_and_zeros, self.locks)
 
     @property
@@ -1212,10 +1235,12 @@ class Int4Linear(QuantizedLinear):
         if dim == 0:
             self.weight = narrow_ranges(self.weight, 0, ranges)
             self.scales_and_zeros = narrow_ranges(self.scales_and_zeros, 0, ranges)
-            return
-        g = self.input_multiple
-        self.weight = narrow_ranges(self.weight, 1, [(start // 2, n // 2) for start, n in ranges])
-        self.scales_and_zeros = narrow_ranges(self.scales_and_zeros, 1, [(start // g, n // g) for start, n in ranges])
+        else:
+            g = self.input_multiple
+            self.weight = narrow_ranges(self.weight, 1, [(start // 2, n // 2) for start, n in ranges])
+            self.scales_and_zeros = narrow_ranges(self.scales_and_zeros, 1,
+                                                  [(start // g, n // g) for start, n in ranges])
+        self.prepare()  # the CPU copy of the new shape
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, groupsize={self.input_multiple}"

@@ -10,14 +10,17 @@
         --draft_checkpoint_path checkpoints/tiny-py-draft/model.pth --speculate_k 4
     python scripts/bench.py medusa --checkpoint_path checkpoints/tiny-py/model.pth      # its shipped heads
     python scripts/bench.py tp --compile                 # decode on 1, 2, 4, 8 GPUs (torchrun), as many as there are
+    python scripts/bench.py cpu --compile --gpt_fast /tmp/gpt-fast   # CPU: ours vs gpt-fast's and transformers'
 
 Decode at batch 1 reads every weight once per token, so weight bytes x steps/s is the bandwidth it achieves; the
 fraction of the measured copy bandwidth (bytes read + written per second) is how close to the hardware it runs.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -404,6 +407,190 @@ def kernels_table(args, model_name: str, M: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# cpu: this project against gpt-fast's generate.py and transformers' generate on the CPU, on the same weights (a random
+# model of --model_name's shape with --n_layer layers, and the shipped tiny model): greedy, batch 1, each system's best
+# of --runs, the systems interleaved round by round; the fraction of the measured read bandwidth each row reaches.
+# gpt-fast runs from a checkout outside this repository (--gpt_fast) in a process of its own,
+# scripts/gpt_fast_worker.py: its modules are named model, generate and quantize, as ours are. Prints a README table.
+
+CPU_FORMATS = ["float32", "bfloat16", "int8", "int4"]
+TINY = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-py" / "model.pth"
+GPT_FAST_WORKER = Path(__file__).resolve().parent / "gpt_fast_worker.py"
+
+
+def read_bandwidth(nbytes=1 << 30) -> float:
+    """Bytes per second a sum reads from a tensor far beyond the caches: the ceiling of a decode step here."""
+    t = torch.ones(nbytes // 4)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - t0)
+    return nbytes / min(times)
+
+
+def cpu_name() -> str:
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return f"{names[0] if names else platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+
+
+def our_runner(model, fmt: str, compile: bool, args):
+    """(bytes a step reads, run() -> decode tok/s of one greedy generation) for this project in format fmt: int8 and
+    int4 run in a bf16 model, as gpt-fast's do."""
+    variant = uncached_copy(model).to(torch.float32 if fmt == "float32" else torch.bfloat16)
+    if fmt in ("int8", "int4"):
+        variant = quantize.quantize_model(variant, fmt, args.groupsize)
+    decoder = plain_decoder(variant, compile=compile)
+    prompt = [torch.randint(0, model.config.vocab_size, (16,)).tolist()]
+
+    def run():
+        stats = generate(variant, prompt, args.max_new_tokens, decoder=decoder)[1]
+        return stats["decode_tokens"] / stats["decode_time"]
+    return weight_bytes(variant), run
+
+
+def hf_runner(model, fmt: str, args):
+    """run() -> decode tok/s of transformers' LlamaForCausalLM.generate, eager (its standard path), on the same
+    weights: (n - 1) tokens over the time of generating n less that of generating 1 (the prefill)."""
+    import transformers
+    from convert_hf_checkpoint import to_hf
+    c = model.config
+    config = transformers.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
+                                      num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                                      num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
+                                      rope_theta=c.rope_base, max_position_embeddings=c.block_size,
+                                      tie_word_embeddings=c.tie_embeddings)
+    dtype = torch.float32 if fmt == "float32" else torch.bfloat16
+    hf = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    hf.load_state_dict({k: v.to(dtype) for k, v in to_hf(uncached_copy(model).state_dict(), c).items()}, strict=False)
+    ids = torch.randint(0, c.vocab_size, (1, 16))
+
+    def seconds(n):
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    def run():
+        return (args.max_new_tokens - 1) / (seconds(args.max_new_tokens) - seconds(1))
+    return run
+
+
+def save_for_gpt_fast(model: Transformer, folder: Path):
+    """The weights (our key names are gpt-fast's) and gpt-fast's ModelArgs fields, for gpt_fast_worker.py. A tied
+    model's head is saved as its own tensor, equal to the embedding: gpt-fast has no tying, and reads the same bytes."""
+    c = model.config
+    if c.head_dim != c.dim // c.n_head or c.rope_scaling is not None or c.sliding_window is not None:
+        raise ValueError(f"gpt-fast's model cannot run {c}: it takes head_dim = dim // n_head, and has neither RoPE "
+                         f"scaling nor a sliding window")
+    fields = dict(block_size=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, dim=c.dim,
+                  intermediate_size=c.intermediate_size, n_local_heads=c.n_kv_heads, rope_base=c.rope_base,
+                  norm_eps=c.norm_eps)
+    (folder / "model_args.json").write_text(json.dumps(fields))
+    torch.save({k: v.clone() for k, v in uncached_copy(model).state_dict().items()}, folder / "model.pth")
+
+
+@contextlib.contextmanager
+def gpt_fast_runner(folder: Path, fmt: str, compile: bool, args):
+    """run() -> decode tok/s of gpt-fast's own generate() on the weights in folder, in format fmt, from a worker
+    process; or the reason gpt-fast cannot run fmt here (a str)."""
+    command = [sys.executable, str(GPT_FAST_WORKER), str(args.gpt_fast), str(folder), fmt, "--groupsize",
+               str(args.groupsize), "--max_new_tokens", str(args.max_new_tokens)] + ["--compile"] * compile
+    worker = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def reply() -> dict:
+        line = worker.stdout.readline()
+        if not line:
+            raise RuntimeError(f"gpt-fast's worker ended with code {worker.wait()} (its error is above): {command}")
+        return json.loads(line)
+
+    def run():
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+        return reply()["tok_s"]
+    try:
+        status = reply()
+        yield run if status.get("ready") else status["unsupported"]
+    finally:
+        worker.stdin.close()
+        worker.wait()
+
+
+def best_of_rounds(runners: dict, runs: int) -> dict:
+    """Each runner's best tok/s over `runs` rounds, a round running every runner once, in turn; after a warm-up."""
+    for run in runners.values():
+        run()  # warm-up: compiles
+    best = {name: 0.0 for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            best[name] = max(best[name], run())
+    return best
+
+
+def cpu_models(args) -> dict:
+    """The models `cpu` runs, by the name its table gives them, in fp32."""
+    shape = ModelArgs(**{**vars(ModelArgs.from_name(args.model_name)), "n_layer": args.n_layer})
+    return {f"{args.model_name} shape, {args.n_layer} layers": random_model(shape, "cpu", torch.float32),
+            "tiny-py (shipped)": load_model(TINY, "cpu", torch.float32)}
+
+
+def best_of_systems(model, gpt_fast_weights: Path, fmt: str, compile: bool, args) -> tuple[int, dict, str]:
+    """(bytes our step reads, each system's best tok/s, why gpt-fast cannot run fmt or None) in one format and mode:
+    ours, transformers' where it applies, gpt-fast's with --gpt_fast."""
+    torch._dynamo.reset()
+    nbytes, ours = our_runner(model, fmt, compile, args)
+    runners = {"ours": ours}
+    if fmt in ("float32", "bfloat16") and not compile and not args.no_transformers:
+        runners["transformers"] = hf_runner(model, fmt, args)
+    worker = gpt_fast_runner(gpt_fast_weights, fmt, compile, args) if args.gpt_fast else contextlib.nullcontext()
+    with worker as gpt_fast:  # run(), why gpt-fast cannot run fmt, or None
+        if callable(gpt_fast):
+            runners["gpt-fast"] = gpt_fast
+        return nbytes, best_of_rounds(runners, args.runs), gpt_fast if isinstance(gpt_fast, str) else None
+
+
+def cpu_bench(args) -> str:
+    torch.set_grad_enabled(False)
+    before = read_bandwidth()
+    models = cpu_models(args)
+    systems = ["ours"] + ["transformers"] * (not args.no_transformers) + ["gpt-fast"] * (args.gpt_fast is not None)
+    lines = [f"CPU decode, {cpu_name()} | torch {torch.__version__} | transformers "
+             f"{__import__('transformers').__version__} | {datetime.date.today().isoformat()}",
+             f"greedy, batch 1, {args.max_new_tokens} new tokens; int4 g{args.groupsize}; transformers eager, fp32 and "
+             f"bf16 only; {f'gpt-fast from {args.gpt_fast}' if args.gpt_fast else 'no gpt-fast rows (no --gpt_fast)'}",
+             f"each model, mode and format in turn; within it, after a warm-up of each system, {args.runs} rounds of "
+             f"{' then '.join(systems)}, and each system's best round",
+             "GB/s read: the bytes our step reads in that format x tok/s; read bandwidth: the better of two sums of "
+             "a 1 GiB tensor, before and after the rows, "]
+    rows = []  # (model, system, format, mode, tok/s, bytes a step, tok/s of our fp32 eager)
+    cannot = {}  # why gpt-fast cannot run a format -> the model, format and mode it was asked for
+    for what, model in models.items():
+        with tempfile.TemporaryDirectory() as folder:
+            if args.gpt_fast:
+                save_for_gpt_fast(model, Path(folder))
+            base = None
+            for mode, compile in [("eager", False), ("compiled", True)][:1 + args.compile]:
+                for fmt in args.formats:
+                    nbytes, best, why = best_of_systems(model, Path(folder), fmt, compile, args)
+                    if why:
+                        cannot.setdefault(why, []).append(f"{what} {fmt} {mode}")
+                    base = base or best["ours"]
+                    for name, tok_s in best.items():
+                        rows.append((what, name, fmt, mode, tok_s, nbytes, base))
+                        print(rows[-1], file=sys.stderr, flush=True)  # progress: the table comes at the end
+    after = read_bandwidth()  # the machine's bandwidth drifts (other tenants): the ceiling is the better reading
+    bandwidth = max(before, after)
+    lines[-1] += f"{before / 1e9:.1f} and {after / 1e9:.1f} GB/s"
+    lines += ["", "| model | system | format | mode | tok/s | GB/s read | of read bandwidth | vs our fp32 eager |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {what} | {name} | {fmt} | {mode} | {tok_s:.1f} | {tok_s * nbytes / 1e9:.1f} | "
+              f"{tok_s * nbytes / bandwidth:.0%} | {tok_s / base:.2f}x |"
+              for what, name, fmt, mode, tok_s, nbytes, base in rows]
+    lines += [""] + [f"gpt-fast could not run {', '.join(runs)}: {why}" for why, runs in cannot.items()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Command line.
 
 def parse_args(argv=None):
@@ -449,6 +636,18 @@ def parse_args(argv=None):
                             "model's")
     heads.add_argument("--groupsize", type=int, default=128, help="of int4")
     command("tp", tp_bench, run, "decode at 1, 2, 4, 8 ranks (torchrun), as many as there are GPUs")
+    cpu = command("cpu", cpu_bench, argparse.ArgumentParser(add_help=False),
+                  "this project against gpt-fast and transformers on the CPU, every format")
+    cpu.add_argument("--model_name", default="TinyLlama-1.1B", help="the random model's shape, from the registry")
+    cpu.add_argument("--n_layer", type=int, default=4, help="of the random model (TinyLlama has 22)")
+    cpu.add_argument("--formats", nargs="+", default=CPU_FORMATS, choices=CPU_FORMATS)
+    cpu.add_argument("--groupsize", type=int, default=128, help="of int4")
+    cpu.add_argument("--max_new_tokens", type=int, default=24)
+    cpu.add_argument("--runs", type=int, default=3, help="each system's best of this many, interleaved")
+    cpu.add_argument("--compile", action="store_true", help="also compiled rows (ours and gpt-fast's)")
+    cpu.add_argument("--no_transformers", action="store_true")
+    cpu.add_argument("--gpt_fast", type=Path, default=None, help="a checkout of pytorch-labs/gpt-fast, outside this "
+                     "repository (README: Benchmarks); without it, no gpt-fast rows")
     return p.parse_args(argv)
 
 

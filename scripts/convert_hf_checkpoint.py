@@ -93,6 +93,28 @@ def convert(hf_weights: dict, config: ModelArgs) -> dict:
     return state
 
 
+def to_hf(state: dict, config: ModelArgs) -> dict:
+    """The inverse of convert: our state dict as Hugging Face Llama weights (scripts/bench.py's transformers rows)."""
+    hf = {}
+    for hf_key, key in HF_TO_OURS.items():
+        for i in range(config.n_layer) if "{}" in key else [None]:
+            if key.format(i) in state:
+                hf[hf_key.format(i)] = state[key.format(i)]
+    q_rows, kv_rows = config.n_head * config.head_dim, config.n_kv_heads * config.head_dim
+    for i in range(config.n_layer):
+        q, k, v = state[f"layers.{i}.attention.wqkv.weight"].split([q_rows, kv_rows, kv_rows])
+        p = f"model.layers.{i}.self_attn."
+        hf[p + "q_proj.weight"] = unleave_rope_rows(q, config.n_head, config.head_dim)
+        hf[p + "k_proj.weight"] = unleave_rope_rows(k, config.n_kv_heads, config.head_dim)
+        hf[p + "v_proj.weight"] = v
+    return hf
+
+
+def unleave_rope_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """interleave_rope_rows undone."""
+    return w.view(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", type=Path, required=True)

@@ -97,7 +97,7 @@ class Kernel:
     blocks: Callable            # (instance, consts, N, K, GPU) -> blocks launched for an N x K weight
     bytes_per_weight: Callable  # (instance, K) -> bytes read per weight, scales and tables included
     dynamic_smem: Callable = lambda i, c: 0  # (instance, consts) -> bytes per block given at launch
-    source: str = "CUDA_SOURCE"  # the module's string that holds the kernel
+    sources: tuple = ("CUDA_SOURCE",)  # the module's strings that, joined, hold the kernel (and its helpers)
     extra_bytes: Callable = lambda i, N, K, gpu: 0  # (instance, N, K, GPU) -> more bytes of HBM traffic per weight
 
 
@@ -152,7 +152,7 @@ KERNELS = [
     # The tensor-core kernel (quantize.MMA_SOURCE): an instance per 8 tokens, 1..8 tokens run the 8-token one. Its
     # weight copies are cp.async.cg (LDGSTS.E.BYPASS), the activations' and scales' cp.async.ca. K is split over
     # mma_splits blocks a column of 256 rows, whose fp32 partial sums are written (counted here) and read back.
-    Kernel(names=("int8-mma", "int4-mma"), module="quantize", symbol="mma_kernel", source="MMA_SOURCE",
+    Kernel(names=("int8-mma", "int4-mma"), module="quantize", symbol="mma_kernel", sources=("CUDA_SOURCE", "MMA_SOURCE"),
            weight_load=r"LDGSTS\.E\.BYPASS.*\.128",
            instance=mma_instance,
            warps=lambda i, c: c["MMA_WARPS"],
@@ -185,11 +185,16 @@ def include_flags(folder: Path) -> list:
     return [f"-I{p}" for p in [folder / "stub", *include_paths(), sysconfig.get_paths()["include"]]]
 
 
+def source_text(module: str, names: tuple) -> str:
+    return "\n".join(getattr(importlib.import_module(module), name) for name in names)
+
+
 @functools.cache
-def compile_source(module: str, arch: str, name: str = "CUDA_SOURCE") -> dict:
-    """{"log": ptxas -v, "sass": cuobjdump -sass, "cubin": bytes} for `module`.`name`, with load_inline's flags."""
+def compile_source(module: str, arch: str, names: tuple = ("CUDA_SOURCE",)) -> dict:
+    """{"log": ptxas -v, "sass": cuobjdump -sass, "cubin": bytes} for `module`'s strings `names`, joined as load_inline
+    joins them, with its flags."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-    source = getattr(importlib.import_module(module), name)
+    source = source_text(module, names)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "k.cu").write_text(source)
@@ -197,7 +202,7 @@ def compile_source(module: str, arch: str, name: str = "CUDA_SOURCE") -> dict:
                *COMMON_NVCC_FLAGS, *include_flags(tmp), str(tmp / "k.cu"), "-o", str(tmp / "k.cubin")]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
-            sys.exit(f"error: nvcc failed on {module}.{name} for {arch}:\n{r.stderr[-3000:]}")
+            sys.exit(f"error: nvcc failed on {module}.{'+'.join(names)} for {arch}:\n{r.stderr[-3000:]}")
         # cuobjdump -sass runs nvdisasm, which it finds on PATH, beside itself or at NVDISASM_PATH
         env = {**os.environ, "NVDISASM_PATH": str(Path(find_tool("nvdisasm")).parent)}
         sass = subprocess.run([find_tool("cuobjdump"), "-sass", str(tmp / "k.cubin")], capture_output=True,
@@ -360,8 +365,8 @@ def predict(row: dict, gpu: GPU, shapes: list, kernel: Kernel, consts: dict) -> 
 
 def analyse(kernel: Kernel, arch: str, gpus: list, shapes: list, selected) -> list:
     """One record per selected instance of `kernel` compiled for `arch`."""
-    compiled = compile_source(kernel.module, arch, kernel.source)
-    source = getattr(importlib.import_module(kernel.module), kernel.source)
+    compiled = compile_source(kernel.module, arch, kernel.sources)
+    source = source_text(kernel.module, kernel.sources)
     consts = {k: int(v) for k, v in re.findall(r"constexpr int (\w+) = (\d+);", source)}  # WARPS, ROWS, ...
     resources, code = ptxas_resources(compiled["log"]), functions(compiled["sass"])
     weight_load = re.compile(kernel.weight_load)
@@ -424,8 +429,8 @@ def table(rows: list, gpus: list, shapes: list) -> list:
 def save(jobs: list, folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     for kernel, arch in jobs:
-        compiled = compile_source(kernel.module, arch, kernel.source)
-        stem = f"{kernel.module}.{arch}" if kernel.source == "CUDA_SOURCE" else f"{kernel.module}.{kernel.source}.{arch}"
+        compiled = compile_source(kernel.module, arch, kernel.sources)
+        stem = ".".join([kernel.module, *kernel.sources[1:], arch])
         (folder / f"{stem}.log").write_text(compiled["log"])
         (folder / f"{stem}.sass").write_text(compiled["sass"])
         (folder / f"{stem}.cubin").write_bytes(compiled["cubin"])
@@ -465,7 +470,7 @@ def main(argv=None):
         find_tool(tool)  # before a minute of compiling
     jobs = [(k, a) for a in archs for k in KERNELS if set(k.names) & set(args.kernels)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # one nvcc per source and architecture, all at once
-        list(pool.map(lambda job: compile_source(job[0].module, job[1], job[0].source), jobs))
+        list(pool.map(lambda job: compile_source(job[0].module, job[1], job[0].sources), jobs))
     rows = {a: [] for a in archs}
     for kernel, arch in jobs:
         rows[arch] += analyse(kernel, arch, archs[arch], shapes, selected)

@@ -221,7 +221,8 @@ def dequantized_model(tiny, precision):
     return model
 
 
-def test_logits_equal_the_dequantised_model_at_every_width_and_switching_is_exact(tiny):
+def test_logits_equal_the_dequantised_model_at_every_width_and_switching_is_exact(tiny, monkeypatch):
+    monkeypatch.setattr(anyprec, "CPU_KERNELS", False)  # the reference; test_cpu_fast_paths.py compares the CPU path
     model = load_model(tiny.path, "cpu", torch.float32)
     assert isinstance(model.layers[0].feed_forward.w2, AnyPrecLinear) and model.layers[0].feed_forward.w2.precision == 8
     idx = torch.randint(0, 4096, (2, 40))

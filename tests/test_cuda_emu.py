@@ -359,7 +359,7 @@ def offset_a_16_byte_load(source, m):  # reinterpret_cast<const uint4*>(p) -> ..
 
 MUTATIONS = {
     "a dropped barrier": (r"__sync(?:threads|warp)\(\);", drop_barrier),
-    "half the lanes return before a warp collective": (r"(?m)^\s*[^\n]*(?:__shfl_xor_sync|\bmma<T>\(|mma_m16n8k16<)[^\n]*$",
+    "half the lanes return before a warp collective": (r"(?m)^\s*[^\n]*(?:__shfl_xor_sync|\bmma<T>\()[^\n]*$",
                                                        return_half_the_lanes),
     "the grid rounded down": (r"\((\w+) \+ ([^()]+?) - 1\) / \(?\2\)?", round_the_grid_down),
     "a 16-byte load 8 bytes off": (r"reinterpret_cast<const uint4\*>\(", offset_a_16_byte_load),

@@ -58,15 +58,16 @@ def test_int4_round_trip(groupsize):
 
 
 def test_pytorch_paths_compute_the_dequantized_linear():
+    """The ops off the kernels' device: the reference that the CPU kernels are tested against
+    (tests/test_cpu_fast_paths.py, which also shards)."""
     x = torch.randn(3, 5, 128)
     w = torch.randn(72, 128)
-    int8, int4 = Int8Linear(*quantize_int8(w)), Int4Linear(*quantize_int4(w, 32))
-    torch.testing.assert_close(int8(x), F.linear(x, dequantize_int8(int8.weight, int8.scales)))
-    torch.testing.assert_close(int4(x), F.linear(x, dequantize_int4(int4.weight, int4.scales_and_zeros)), rtol=0, atol=0)
-    assert int8(x.bfloat16()).dtype == int4(x.bfloat16()).dtype == torch.bfloat16
-    # tp.py's row-parallel shard: a column slice of the packed weight and whole groups of the scales (non-contiguous).
-    half = Int4Linear(int4.weight[:, 32:], int4.scales_and_zeros[:, 2:])
-    torch.testing.assert_close(half(x[..., 64:]), F.linear(x[..., 64:], dequantize_int4(int4.weight, int4.scales_and_zeros)[:, 64:]))
+    int8, int4 = quantize_int8(w), quantize_int4(w, 32)
+    torch.testing.assert_close(torch.ops.quantize.int8_linear(x, *int8), F.linear(x, dequantize_int8(*int8)))
+    torch.testing.assert_close(torch.ops.quantize.int4_linear(x, *int4), F.linear(x, dequantize_int4(*int4)), rtol=0,
+                               atol=0)
+    assert torch.ops.quantize.int8_linear(x.bfloat16(), *int8).dtype == torch.bfloat16
+    assert torch.ops.quantize.int4_linear(x.bfloat16(), *int4).dtype == torch.bfloat16
 
 
 def test_custom_ops_trace_without_graph_breaks():
@@ -132,7 +133,8 @@ def checkpoint(tmp_path, sp_model_file):
 
 
 @pytest.mark.parametrize("mode", quantize.MODES)
-def test_files_load_as_their_pytorch_path_and_repeat_byte_for_byte(checkpoint, mode):
+def test_files_load_as_their_pytorch_path_and_repeat_byte_for_byte(checkpoint, mode, monkeypatch):
+    monkeypatch.setattr(quantize, "CPU_KERNELS", False)  # the reference; test_cpu_fast_paths.py compares the kernels
     flags = ["--calibration_file", checkpoint.parent / "calibration.txt", "--calibration_samples", 8,
              "--calibration_seq_len", 64]
     path = quantize_file(checkpoint, mode, 32, *flags)
@@ -228,12 +230,66 @@ def test_bench_kernels_report_times_every_kernel_against_both_baselines(monkeypa
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(L2_cache_size=2**20))
     monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm", lambda x, packed, g, sz: x @ packed.T.to(x.dtype))
     candidates = bench.kernel_candidates
-    monkeypatch.setattr(bench, "kernel_candidates", lambda g: candidates(g)[:2])  # quantize.py's (others need CUDA)
+    monkeypatch.setattr(bench, "kernel_candidates", lambda g, M: candidates(g, M)[:2])  # quantize.py's (others need CUDA)
     report = bench.kernels_bench(bench.parse_args(["kernels", "--device", "cpu", "--model_name", "TinyLlama-1.1B"]))
     rows = report.splitlines()[3:]
     assert len(rows) == 4 * 4 and all(row.endswith("x") for row in rows)  # 4 layers x (2 baselines + 2 kernels)
     assert all(y.shape[0] == 1 and nbytes > 2**20 for y, nbytes in runs)  # one token; copies exceed the (stubbed) L2
 
+
+FAKE_GPT_FAST = {  # the little of gpt-fast's model.py, quantize.py and generate.py that gpt_fast_worker.py calls
+    "model.py": """
+import torch
+class ModelArgs:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+class Transformer(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+    def load_state_dict(self, state, assign=False):
+        assert "layers.0.attention.wqkv.weight" in state and "output.weight" in state
+""",
+    "quantize.py": """
+class WeightOnlyInt8QuantHandler:
+    def __init__(self, mod):
+        self.mod = mod
+    def create_quantized_state_dict(self):
+        return {"layers.0.attention.wqkv.weight": 0, "output.weight": 0}
+    def convert_for_runtime(self):
+        return self.mod
+class WeightOnlyInt4QuantHandler:
+    def __init__(self, mod, groupsize):
+        pass
+    def create_quantized_state_dict(self):
+        raise NotImplementedError("Could not run 'aten::_convert_weight_to_int4pack' on 'CPU'. More, for a page.")
+""",
+    "generate.py": """
+import time
+def generate(model, prompt, max_new_tokens, *, interactive, draft_model, callback, **sampling_kwargs):
+    for _ in range(max_new_tokens - 1):
+        time.sleep(0.01)
+        callback(None)
+""",
+}
+
+
+def test_bench_cpu_sets_ours_against_gpt_fast_in_every_format(tmp_path, monkeypatch):
+    """scripts/bench.py cpu on the tiny model alone, gpt-fast faked in a folder of its own: each format gets our row,
+    and gpt-fast's where it runs (its worker found by the names gpt-fast's modules share with ours); where it cannot,
+    the reason is said under the table. Without --gpt_fast, the header says there are no gpt-fast rows."""
+    import bench
+    for name, source in FAKE_GPT_FAST.items():
+        (tmp_path / name).write_text(source)
+    monkeypatch.setattr(bench, "read_bandwidth", lambda: 1e10)
+    monkeypatch.setattr(bench, "cpu_models", lambda args: {"tiny": load_model(TINY, "cpu", torch.float32)})
+    flags = ["cpu", "--formats", "int8", "int4", "--runs", "2", "--max_new_tokens", "6", "--no_transformers"]
+    report = bench.cpu_bench(bench.parse_args(flags + ["--gpt_fast", str(tmp_path)]))
+    rows = [row.split(" | ") for row in report.splitlines() if row.startswith("| tiny |")]
+    assert [(system, fmt) for _, system, fmt, *_ in rows] == [("ours", "int8"), ("gpt-fast", "int8"), ("ours", "int4")]
+    assert 50 < float(rows[1][4]) < 100  # 10 ms a step
+    assert "gpt-fast could not run tiny int4 eager: NotImplementedError: Could not run" in report
+    assert "no gpt-fast rows" in bench.cpu_bench(bench.parse_args(flags[:2] + ["int8"] + flags[4:]))
 
 # ---------------------------------------------------------------------------------------------------------------
 # The shipped tiny model: held-out perplexity of every format (the figures README gives, on a slice).

@@ -78,16 +78,16 @@ def test_a_tokens_result_does_not_depend_on_the_token_count(backend):
 
 
 def test_modules_keep_zeroed_locks_on_the_kernels_device_only(backend):
-    """prepare() gives a quantized Linear on the kernels' device its counters (4 bytes a 128 rows, never saved); a
+    """prepare() gives a quantized Linear on the kernels' device its counters (4 bytes a 256 rows, never saved); a
     split call leaves them zero; elsewhere there are none."""
     device = backend.device
     layer = quantize.Int4Linear(*random_weight("int4", 300, 1024, 128, device))
-    assert layer.locks.dtype == torch.int32 and layer.locks.tolist() == [0, 0, 0]
+    assert layer.locks.dtype == torch.int32 and layer.locks.tolist() == [0, 0]
     assert "locks" not in layer.state_dict()
     x = torch.randn(2, 9, 1024, device=device, dtype=torch.bfloat16)
     assert quantize.mma_splits(300, 1024, 18, True) > 1
     check_close(layer(x), x.float() @ dense((layer.weight, layer.scales_and_zeros)).T, gemv=False)
-    assert layer.locks.tolist() == [0, 0, 0]
+    assert layer.locks.tolist() == [0, 0]
     assert quantize.Int8Linear(*random_weight("int8", 8, 64, None, "meta")).locks is None
 
 
@@ -138,14 +138,15 @@ MMA_MUTATIONS = {
 
 @pytest.fixture(scope="module")
 def mma_mutants():
-    """The mutated MMA_SOURCE built alone (mma_into needs only `mma`), at -O0, two at a time."""
+    """The sources with MMA_SOURCE mutated, built at -O0 with only `mma` bound (all mma_into needs), two at a
+    time."""
     from concurrent.futures import ThreadPoolExecutor
 
     def build(change):
         old, new = change
         assert quantize.MMA_SOURCE.count(old) == 1, old
         return cuda_emu.load_inline("quantize_mma_mutant", [quantize.MMA_DECLARATIONS],
-                                    [quantize.MMA_SOURCE.replace(old, new)], ["mma"], flags=["-O0"])
+                                    [quantize.CUDA_SOURCE, quantize.MMA_SOURCE.replace(old, new)], ["mma"], flags=["-O0"])
     with ThreadPoolExecutor(2) as pool:
         return dict(zip(MMA_MUTATIONS, pool.map(build, MMA_MUTATIONS.values())))
 

@@ -360,7 +360,8 @@ def test_int4_copy_drafts_for_its_full_precision_self(checkpoints, target):
 
 
 def test_self_speculation_from_one_any_precision_model(tmp_path, target, sp_model_file, capsys):
-    """The 3-bit view of an any-precision model drafts for its 8-bit self: one copy of the weights, two caches."""
+    """The 3-bit view of an any-precision model drafts for its 8-bit self: one copy of the file's weights (planes and
+    tables), two caches; on CPU each width in use also holds its dequantised weight (anyprec.CPU_DTYPE)."""
     import shutil
     import anyprec
     from model import linear_names
@@ -371,7 +372,7 @@ def test_self_speculation_from_one_any_precision_model(tmp_path, target, sp_mode
     model = plain.load_model(tmp_path / "model_anyprec.3-8.pth", "cpu", torch.float32)  # runs at 8 bits
     draft = anyprec.at_precision(model, 3)
     def storage(m):
-        return {t.data_ptr() for t in (*m.parameters(), *m.buffers()) if t.numel()}
+        return {t.data_ptr() for t in m.state_dict().values() if t.numel()}
     assert storage(draft) == storage(model)
     prompts = prompts_of([5, 12, 8])
     expected, _ = plain.generate(model, prompts, 30)

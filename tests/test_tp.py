@@ -300,8 +300,14 @@ def measure_memory(path: str, rank, world: int):
 
 
 def worker(*args):
-    """args: a mode (logits, compiled, memory, cuda), then the checkpoints it checks; another mode may follow."""
+    """args: a mode (logits, compiled, memory, cuda), then the checkpoints it checks; another mode may follow. On CPU
+    the quantized layers run the PyTorch reference: the checks hold the sharding's arithmetic to fp32, and the CPU
+    kernels round their outputs to bf16, which a row-parallel split does per shard (tests/test_cpu_fast_paths.py
+    checks those kernels, sharded too)."""
+    import anyprec
+    import quantize
     from tp import maybe_init_dist
+    quantize.CPU_KERNELS = anyprec.CPU_KERNELS = False
     rank = maybe_init_dist("cuda" if args[0] == "cuda" else "cpu")
     checks = dict(logits=check_logits, compiled=check_compiled, speculative=check_speculative, memory=measure_memory,
                   cuda=check_cuda)
