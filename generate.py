@@ -215,19 +215,21 @@ def decode_one_token(model: Transformer, cur, input_pos, temperature: float, top
 
 def plain_decoder(model: Transformer, temperature=0.0, top_k=None, top_p=None, compile=False,
                   compile_prefill_too=False) -> Decoder:
-    """One token per step. State: (the last token [B], its position [B])."""
+    """One token per step. State: (the last token [B], its position [B], ones [B])."""
     prefill_fn = compile_prefill(prefill) if compile_prefill_too else prefill
     decode_fn = compile_step(decode_one_token) if compile else decode_one_token
 
     def first(tokens, input_pos, last):
         cur = prefill_fn(model, tokens, input_pos, last, temperature, top_k, top_p).clone()
-        return cur[:, None], torch.ones_like(cur), (cur, last + 1)
+        valid = torch.ones_like(cur)  # every step's count: made once, as each op costs microseconds on a small model
+        return cur[:, None], valid, (cur, last + 1, valid)
 
     def step(state, active):
-        cur, pos = state
-        # Clone: a CUDA-graph replay overwrites its output.
-        cur = decode_fn(model, cur[:, None], pos[:, None], temperature, top_k, top_p).clone()
-        return cur[:, None], torch.ones_like(cur), (cur, pos + active)
+        cur, pos, valid = state
+        cur = decode_fn(model, cur[:, None], pos[:, None], temperature, top_k, top_p)
+        if cur.is_cuda:
+            cur = cur.clone()  # a CUDA-graph replay overwrites its output
+        return cur[:, None], valid, (cur, pos + active, valid)
 
     return Decoder(first, step, (model,))
 

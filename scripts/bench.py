@@ -517,12 +517,13 @@ def gpt_fast_runner(folder: Path, fmt: str, compile: bool, args):
 
 
 def best_of_rounds(runners: dict, runs: int) -> dict:
-    """Each runner's best tok/s over `runs` rounds, a round running every runner once, in turn; after a warm-up."""
+    """Each runner's best tok/s over `runs` rounds, a round running every runner once, in turn, every other round in
+    reverse order (no system always runs first); after a warm-up."""
     for run in runners.values():
         run()  # warm-up: compiles
     best = {name: 0.0 for name in runners}
-    for _ in range(runs):
-        for name, run in runners.items():
+    for i in range(runs):
+        for name, run in list(runners.items())[:: -1 if i % 2 else 1]:
             best[name] = max(best[name], run())
     return best
 
@@ -559,7 +560,7 @@ def cpu_bench(args) -> str:
              f"greedy, batch 1, {args.max_new_tokens} new tokens; int4 g{args.groupsize}; transformers eager, fp32 and "
              f"bf16 only; {f'gpt-fast from {args.gpt_fast}' if args.gpt_fast else 'no gpt-fast rows (no --gpt_fast)'}",
              f"each model, mode and format in turn; within it, after a warm-up of each system, {args.runs} rounds of "
-             f"{' then '.join(systems)}, and each system's best round",
+             f"{' then '.join(systems)} (every other round in reverse), and each system's best round",
              "GB/s read: the bytes our step reads in that format x tok/s; read bandwidth: the better of two sums of "
              "a 1 GiB tensor, before and after the rows, "]
     rows = []  # (model, system, format, mode, tok/s, bytes a step, tok/s of our fp32 eager)
