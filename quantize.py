@@ -1122,6 +1122,10 @@ CPU_KERNELS = True  # False: the modules run the PyTorch reference on CPU too (t
 
 def int8_linear_cpu(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """int8_linear on CPU, from the file's tensors as they are: nothing is repacked."""
+    if torch.compiler.is_compiling():
+        # Written as gpt-fast writes it, inductor recognises a weight-only int8 matmul and generates its own kernel,
+        # 10-25% faster here than the aten op; run eagerly, this form would convert the whole weight every call.
+        return (F.linear(x.to(CPU_DTYPE), weight.to(CPU_DTYPE)) * scales.to(CPU_DTYPE)).to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE)
     y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(CPU_DTYPE))  # [tokens, N]
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)

@@ -516,16 +516,16 @@ def gpt_fast_runner(folder: Path, fmt: str, compile: bool, args):
         worker.wait()
 
 
-def best_of_rounds(runners: dict, runs: int) -> dict:
-    """Each runner's best tok/s over `runs` rounds, a round running every runner once, in turn, every other round in
+def rounds(runners: dict, runs: int) -> dict:
+    """Each runner's tok/s in each of `runs` rounds, a round running every runner once, in turn, every other round in
     reverse order (no system always runs first); after a warm-up."""
     for run in runners.values():
         run()  # warm-up: compiles
-    best = {name: 0.0 for name in runners}
+    tok_s = {name: [] for name in runners}
     for i in range(runs):
         for name, run in list(runners.items())[:: -1 if i % 2 else 1]:
-            best[name] = max(best[name], run())
-    return best
+            tok_s[name].append(run())
+    return tok_s
 
 
 def cpu_models(args) -> dict:
@@ -535,8 +535,8 @@ def cpu_models(args) -> dict:
             "tiny-py (shipped)": load_model(TINY, "cpu", torch.float32)}
 
 
-def best_of_systems(model, gpt_fast_weights: Path, fmt: str, compile: bool, args) -> tuple[int, dict, str]:
-    """(bytes our step reads, each system's best tok/s, why gpt-fast cannot run fmt or None) in one format and mode:
+def systems_rounds(model, gpt_fast_weights: Path, fmt: str, compile: bool, args) -> tuple[int, dict, str]:
+    """(bytes our step reads, each system's tok/s a round, why gpt-fast cannot run fmt or None) in one format and mode:
     ours, transformers' where it applies, gpt-fast's with --gpt_fast."""
     torch._dynamo.reset()
     nbytes, ours = our_runner(model, fmt, compile, args)
@@ -547,7 +547,7 @@ def best_of_systems(model, gpt_fast_weights: Path, fmt: str, compile: bool, args
     with worker as gpt_fast:  # run(), why gpt-fast cannot run fmt, or None
         if callable(gpt_fast):
             runners["gpt-fast"] = gpt_fast
-        return nbytes, best_of_rounds(runners, args.runs), gpt_fast if isinstance(gpt_fast, str) else None
+        return nbytes, rounds(runners, args.runs), gpt_fast if isinstance(gpt_fast, str) else None
 
 
 def cpu_bench(args) -> str:
@@ -560,10 +560,10 @@ def cpu_bench(args) -> str:
              f"greedy, batch 1, {args.max_new_tokens} new tokens; int4 g{args.groupsize}; transformers eager, fp32 and "
              f"bf16 only; {f'gpt-fast from {args.gpt_fast}' if args.gpt_fast else 'no gpt-fast rows (no --gpt_fast)'}",
              f"each model, mode and format in turn; within it, after a warm-up of each system, {args.runs} rounds of "
-             f"{' then '.join(systems)} (every other round in reverse), and each system's best round",
+             f"{' then '.join(systems)} (every other round in reverse): each system's best round, and its median",
              "GB/s read: the bytes our step reads in that format x tok/s; read bandwidth: the better of two sums of "
              "a 1 GiB tensor, before and after the rows, "]
-    rows = []  # (model, system, format, mode, tok/s, bytes a step, tok/s of our fp32 eager)
+    rows = []  # (model, system, format, mode, best tok/s, median tok/s, bytes a step, best of our fp32 eager)
     cannot = {}  # why gpt-fast cannot run a format -> the model, format and mode it was asked for
     for what, model in models.items():
         with tempfile.TemporaryDirectory() as folder:
@@ -572,21 +572,21 @@ def cpu_bench(args) -> str:
             base = None
             for mode, compile in [("eager", False), ("compiled", True)][:1 + args.compile]:
                 for fmt in args.formats:
-                    nbytes, best, why = best_of_systems(model, Path(folder), fmt, compile, args)
+                    nbytes, tok_s, why = systems_rounds(model, Path(folder), fmt, compile, args)
                     if why:
                         cannot.setdefault(why, []).append(f"{what} {fmt} {mode}")
-                    base = base or best["ours"]
-                    for name, tok_s in best.items():
-                        rows.append((what, name, fmt, mode, tok_s, nbytes, base))
+                    base = base or max(tok_s["ours"])
+                    for name, runs in tok_s.items():
+                        rows.append((what, name, fmt, mode, max(runs), statistics.median(runs), nbytes, base))
                         print(rows[-1], file=sys.stderr, flush=True)  # progress: the table comes at the end
     after = read_bandwidth()  # the machine's bandwidth drifts (other tenants): the ceiling is the better reading
     bandwidth = max(before, after)
     lines[-1] += f"{before / 1e9:.1f} and {after / 1e9:.1f} GB/s"
-    lines += ["", "| model | system | format | mode | tok/s | GB/s read | of read bandwidth | vs our fp32 eager |",
-              "|---|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {what} | {name} | {fmt} | {mode} | {tok_s:.1f} | {tok_s * nbytes / 1e9:.1f} | "
+    lines += ["", "| model | system | format | mode | tok/s | median | GB/s read | of read bandwidth | vs our fp32 eager |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {what} | {name} | {fmt} | {mode} | {tok_s:.1f} | {median:.1f} | {tok_s * nbytes / 1e9:.1f} | "
               f"{tok_s * nbytes / bandwidth:.0%} | {tok_s / base:.2f}x |"
-              for what, name, fmt, mode, tok_s, nbytes, base in rows]
+              for what, name, fmt, mode, tok_s, median, nbytes, base in rows]
     lines += [""] + [f"gpt-fast could not run {', '.join(runs)}: {why}" for why, runs in cannot.items()]
     return "\n".join(lines)
 
