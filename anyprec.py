@@ -348,8 +348,9 @@ class AnyPrecLinear(nn.Module):
 
     @precision.setter
     def precision(self, p: int):  # the switch: on CPU it dequantises again, once
-        self._precision = p
-        self.prepare()
+        if p != self._precision:
+            self._precision = p
+            self.prepare()
 
     def prepare(self):
         """On CPU, W_p at the current precision dequantised once, in CPU_DTYPE: a matmul that reads it runs at the
@@ -365,8 +366,10 @@ class AnyPrecLinear(nn.Module):
         self.prepare()
 
     def _apply(self, fn, recurse=True):
+        files = {k: v for k, v in self._buffers.items() if k not in self._non_persistent_buffers_set}
         module = super()._apply(fn, recurse)
-        self.prepare()
+        if any(self._buffers[k] is not v for k, v in files.items()):  # moved or cast: a no-op .to() rebuilds nothing
+            self.prepare()
         return module
 
     def forward(self, x: Tensor, precision: int = None) -> Tensor:

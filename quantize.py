@@ -1173,8 +1173,10 @@ class QuantizedLinear(nn.Module):
         self.prepare()
 
     def _apply(self, fn, recurse=True):
+        files = {k: v for k, v in self._buffers.items() if k not in self._non_persistent_buffers_set}
         module = super()._apply(fn, recurse)
-        self.prepare()
+        if any(self._buffers[k] is not v for k, v in files.items()):  # moved or cast: a no-op .to() rebuilds nothing
+            self.prepare()
         return module
 
 

@@ -550,8 +550,8 @@ def systems_rounds(model, gpt_fast_weights: Path, fmt: str, compile: bool, args)
         return nbytes, rounds(runners, args.runs), gpt_fast if isinstance(gpt_fast, str) else None
 
 
+@torch.no_grad()
 def cpu_bench(args) -> str:
-    torch.set_grad_enabled(False)
     before = read_bandwidth()
     models = cpu_models(args)
     systems = ["ours"] + ["transformers"] * (not args.no_transformers) + ["gpt-fast"] * (args.gpt_fast is not None)
