@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import cli
-from model import DEFAULT_CHECKPOINT, atomic_write, linear_names, load_state, narrow_ranges
+from model import DEFAULT_CHECKPOINT, atomic_write, linear, linear_names, load_state, narrow_ranges
 MIN_BITS, MAX_BITS = 3, 8  # the kernels' range: below 3 bits quality collapses (the paper leaves 2 out too)
 FISHER_FLOOR = 1e-6  # relative to the row's mean Fisher; see quantize_linear
 GEMV_MAX_TOKENS = 8  # up to this many tokens a call runs the GEMV kernel; more dequantise the weight first
@@ -387,7 +387,7 @@ class AnyPrecLinear(nn.Module):
                 y = F.linear(F.pad(x2, (0, w.shape[1] - self.in_features)), w.to(x.dtype))
             return y.reshape(*x.shape[:-1], self.out_features)
         if CPU_KERNELS and self.dense is not None and p == self.precision:
-            return F.linear(x.to(self.dense.dtype), self.dense).to(x.dtype)
+            return linear(x.to(self.dense.dtype), self.dense).to(x.dtype)
         return F.linear(x, dequantize(self.qweight, lut, p, self.in_features).to(x.dtype))
 
     def shard(self, dim: int, ranges: list[tuple[int, int]]):

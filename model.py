@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints/tiny-py/model.pth"  # the shipped tiny model
 
@@ -280,7 +281,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = -1
@@ -405,8 +406,8 @@ class Attention(nn.Module):
         super().__init__()
         # Head counts are attributes, not read from config, so that tensor parallelism can shard them.
         self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
-        self.wqkv = nn.Linear(config.dim, (config.n_head + 2 * config.n_kv_heads) * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, (config.n_head + 2 * config.n_kv_heads) * config.head_dim)
+        self.wo = Linear(config.n_head * config.head_dim, config.dim)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, rope, cache_pos, mask):
@@ -420,6 +421,14 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        elif S == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
+            # A CPU decode step under inductor: written out one query head at a time, with k and v repeated by
+            # index, inductor fuses the cache write and all of attention into one loop that copies nothing. PyTorch's
+            # CPU flash kernel, or the stacked heads below (a product of `group` rows), cost ~10% of a tiny-model step.
+            k, v = self.kv_cache.update(cache_pos, k, v)
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            with sdpa_kernel(SDPBackend.MATH):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, H_kv, max_seq_length, D)
             # GQA without copying the cache: the `group` query heads that share a kv head are stacked along the
@@ -433,12 +442,31 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+        self.w1 = Linear(config.dim, config.intermediate_size)  # gate
+        self.w3 = Linear(config.dim, config.intermediate_size)  # up
+        self.w2 = Linear(config.intermediate_size, config.dim)  # down
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """F.linear without a bias. A single row on a CPU under torch.compile is written as a product and a sum, which
+    inductor turns into one vectorised loop streaming the weight: about 2x faster in bf16 here (2-core EPYC, torch
+    2.13) than the matrix product it calls otherwise, which wins from two rows on."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+        return (x.float()[..., None, :] * weight.float()).sum(-1).to(x.dtype)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without a bias (the Llama family has none), computed by `linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):

@@ -3,11 +3,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import convert_hf_checkpoint
 from generate import generate, load_model
 from hf_models import FAMILIES, save_hf_model
-from model import ModelArgs, Transformer, causal_mask, transformer_configs
+from model import ModelArgs, Transformer, causal_mask, linear, transformer_configs
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -85,6 +86,35 @@ def test_rows_at_different_positions_equal_rows_alone():
         alone.setup_caches(1, 32)  # stale slots from the previous row are never attended
         ref = alone(seq, torch.arange(seq.shape[1]))[:, -1]
         torch.testing.assert_close(both[row, -1], ref[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_linear_equals_f_linear(dtype):
+    """model.linear compiled on a CPU (a product and a sum for one row, the matrix product for more) is F.linear."""
+    weight = torch.randn(300, 257).to(dtype)
+    compiled = torch.compile(linear, fullgraph=True, dynamic=False)
+    tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
+    for shape in [(1, 257), (1, 1, 257), (3, 257), (2, 1, 257)]:
+        x = torch.randn(shape).to(dtype)
+        torch.testing.assert_close(compiled(x, weight), F.linear(x, weight), **tolerance)
+
+
+@torch.no_grad()
+def test_compiled_cpu_decode_step_equals_eager():
+    """On a CPU under torch.compile a one-token step attends one query head at a time (its own code path): its
+    logits equal the eager step's, with GQA, rows at different positions and a sliding window."""
+    config = ModelArgs(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_kv_heads=2, dim=32, intermediate_size=64,
+                       sliding_window=6)
+    eager, compiled = Transformer(config).eval(), Transformer(config).eval()
+    compiled.load_state_dict(eager.state_dict())
+    prompt = torch.randint(0, 97, (2, 8))
+    for model in (eager, compiled):
+        model.setup_caches(2, 32)
+        model(prompt, torch.arange(8))
+    step = torch.compile(compiled, fullgraph=True, dynamic=False)
+    for i in range(8, 16):  # past the window of 6
+        token, pos = torch.randint(0, 97, (2, 1)), torch.tensor([[i], [i - 3]])
+        torch.testing.assert_close(step(token, pos), eager(token, pos), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
